@@ -1,0 +1,108 @@
+#!/bin/sh
+# tests/run.sh LIST...: runs what `ninja test` runs.
+#
+# Each LIST (build/<variant>/tests.list) names test programs of one build
+# variant: Criterion binaries, or plain programs that exit 0 (pass), 1 (fail)
+# or 77 (skip). Sanitizer variants run with their options below; heavy stress
+# tests read KVRT_TEST_SCALE (1 in plain, smaller under sanitizers, which are
+# 5-20x slower) so the suite stays within CI's time. Then the Python tests run
+# (tests/python, pytest in .venv) when the venv exists.
+# Logs: build/test-logs/<variant>/<test>.log. Ends with "N passed, N failed".
+set -u
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+logs=build/test-logs
+mkdir -p "$logs"
+passed=0 failed=0 skipped=0
+failures=""
+
+note_result() { # name status(pass|fail|skip) count
+	case $2 in
+	pass) passed=$((passed + $3)) ;;
+	skip) skipped=$((skipped + $3)) ;;
+	*) failed=$((failed + $3)); failures="$failures $1" ;;
+	esac
+}
+
+run_one() { # variant binary
+	variant=$1 bin=$2 name=$(basename "$2")
+	mkdir -p "$logs/$variant"
+	log="$logs/$variant/$name.log"
+	case $variant in
+	asan) envs="ASAN_OPTIONS=detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1 LSAN_OPTIONS=suppressions=$top/tests/lsan.supp UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 KVRT_TEST_SCALE=${KVRT_TEST_SCALE_ASAN:-0.25}" ;;
+	tsan) envs="TSAN_OPTIONS=suppressions=$top/tests/tsan.supp:halt_on_error=1:second_deadlock_stack=1:report_signal_unsafe=0 KVRT_TEST_SCALE=${KVRT_TEST_SCALE_TSAN:-0.1}" ;;
+	*) envs="KVRT_TEST_SCALE=${KVRT_TEST_SCALE:-1}" ;;
+	esac
+	start=$(date +%s)
+	# shellcheck disable=SC2086
+	env $envs "$bin" >"$log" 2>&1
+	rc=$?
+	secs=$(($(date +%s) - start))
+	synth=$(grep -a 'Synthesis: Tested:' "$log" | tail -n 1)
+	if [ -n "$synth" ]; then
+		# Criterion: count its tests.
+		t=$(echo "$synth" | sed -n 's/.*Tested: \([0-9]*\).*/\1/p')
+		p=$(echo "$synth" | sed -n 's/.*Passing: \([0-9]*\).*/\1/p')
+		f=$((t - p))
+		[ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1
+		passed=$((passed + p))
+		if [ "$f" -gt 0 ]; then
+			failed=$((failed + f)); failures="$failures $variant/$name"
+			echo "FAIL $variant/$name ($secs s): $synth"; sed 's/^/    /' "$log" | tail -n 60
+		else
+			echo "ok   $variant/$name ($secs s): $t tests"
+		fi
+		return
+	fi
+	case $rc in
+	0) note_result "$variant/$name" pass 1; echo "ok   $variant/$name ($secs s)" ;;
+	77) note_result "$variant/$name" skip 1; echo "skip $variant/$name: $(tail -n 1 "$log")" ;;
+	*) note_result "$variant/$name" fail 1; echo "FAIL $variant/$name (exit $rc, $secs s)"; sed 's/^/    /' "$log" | tail -n 60 ;;
+	esac
+}
+
+for list in "$@"; do
+	variant=$(basename "$(dirname "$list")")
+	while IFS= read -r bin; do
+		[ -n "$bin" ] && run_one "$variant" "$bin"
+	done <"$list"
+done
+
+# Scripted checks (trace JSON, CLI behaviour) and the Python tests.
+for t in tests/check-*.sh; do
+	[ -f "$t" ] || continue
+	name=$(basename "$t" .sh)
+	if sh "$t" >"$logs/$name.log" 2>&1; then
+		note_result "$name" pass 1; echo "ok   $name"
+	else
+		rc=$?
+		if [ $rc -eq 77 ]; then note_result "$name" skip 1; echo "skip $name: $(tail -n 1 "$logs/$name.log")"
+		else note_result "$name" fail 1; echo "FAIL $name"; sed 's/^/    /' "$logs/$name.log" | tail -n 60; fi
+	fi
+done
+
+if [ -d tests/python ] && ls tests/python/test_*.py >/dev/null 2>&1; then
+	py=${KVRT_PYTHON:-$top/.venv/bin/python}
+	if [ -x "$py" ]; then
+		"$py" -m pytest -q tests/python >"$logs/pytest.log" 2>&1
+		rc=$?
+		line=$(grep -aE '^[=]* *[0-9]+ (passed|failed)' "$logs/pytest.log" | tail -n 1)
+		p=$(echo "$line" | sed -n 's/.* \([0-9]*\) passed.*/\1/p; s/^[= ]*\([0-9]*\) passed.*/\1/p' | head -n 1)
+		f=$(echo "$line" | sed -n 's/.* \([0-9]*\) failed.*/\1/p; s/^[= ]*\([0-9]*\) failed.*/\1/p' | head -n 1)
+		s=$(echo "$line" | sed -n 's/.* \([0-9]*\) skipped.*/\1/p' | head -n 1)
+		passed=$((passed + ${p:-0})); skipped=$((skipped + ${s:-0})); failed=$((failed + ${f:-0}))
+		if [ $rc -ne 0 ]; then
+			[ "${f:-0}" -eq 0 ] && failed=$((failed + 1))
+			failures="$failures pytest"; echo "FAIL pytest: $line"; tail -n 80 "$logs/pytest.log" | sed 's/^/    /'
+		else
+			echo "ok   pytest: $line"
+		fi
+	else
+		echo "FAIL pytest: $py missing; run ./configure (it prepares .venv)"
+		failed=$((failed + 1)); failures="$failures pytest"
+	fi
+fi
+
+[ -n "$failures" ] && echo "failed:$failures"
+echo "kvrt tests: $passed passed, $failed failed, $skipped skipped"
+[ "$failed" -eq 0 ]
