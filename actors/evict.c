@@ -1,0 +1,794 @@
+/* actors/evict.c: see evict.h.
+ *
+ * Everything below the "actor thread" line runs on the evict actor's thread,
+ * the index's single writer. The disk tier is opened and closed on the
+ * owner's thread (kvrt_evict_create/destroy, the disk's rule), its found
+ * chunks handed to the actor in one REINDEX call; DETACH makes the actor
+ * stop issuing disk requests before the owner closes it, while the actor
+ * keeps handling the completions the close delivers.
+ */
+#include "actors/evict.h"
+
+#include <errno.h>
+#include <ev.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "actors/disk.h"
+#include "runtime/log.h"
+
+/* Writer-only entry flags beyond the index's (entry->flags). */
+enum {
+	F_ON_DISK = 1u << 8, /* a verified copy is in the disk tier */
+	F_LOST = 1u << 9,    /* the disk copy is gone and the entry is disk-only: retire when unpinned */
+};
+
+/* Internal message types. */
+enum {
+	_MSG_REINDEX = 32, /* arg.ptr[0]: struct _found *, u64[1]: count, ptr[2]: disk */
+	_MSG_DETACH = 33,  /* stop issuing disk requests */
+};
+
+/* A chunk found on disk at open. */
+struct _found {
+	struct kvrt_chunk_key key; /* its key */
+	uint64_t payload_len;      /* payload bytes */
+	uint64_t checksum;         /* header checksum */
+	uint32_t num_tokens;       /* tokens */
+};
+
+struct _found_vec {
+	struct _found *v; /* records */
+	size_t n, cap;    /* used, allocated */
+	bool oom;         /* a record was lost for memory */
+};
+
+/* A promote request waiting for a disk read. */
+struct _waiter {
+	struct kvrt_index_entry *e;  /* the entry being read (F_READING) */
+	struct kvrt_completion *c;   /* caller's completion */
+	struct _waiter *next;        /* list */
+};
+
+#define STAT(ev, f) _Atomic uint64_t f
+struct kvrt_evict {
+	struct kvrt_actor *actor;    /* the actor */
+	struct kvrt_evict_config cfg; /* copy; disk_dir points into dir */
+	char *dir;                   /* copy of disk_dir */
+	struct kvrt_index *idx;      /* the index (we write) */
+	struct kvrt_pool *pool;      /* the pool (we own its free list) */
+	struct kvrt_policy *pol;     /* CPU order */
+	struct kvrt_disk *disk;      /* attached disk tier (actor thread), or NULL */
+	struct kvrt_disk *disk_owner; /* the same, owner thread's copy for close */
+	ev_timer tick;               /* housekeeping timer */
+	uint32_t slabs;              /* pool slabs */
+	uint32_t high, low;          /* watermarks in slabs */
+	uint32_t writing;            /* disk writes in flight (slabs to be freed) */
+	uint32_t reading;            /* disk reads in flight (slabs taken) */
+	struct kvrt_index_entry **skip; /* scratch: victims that could not go */
+	struct kvrt_index_entry **lost; /* disk-only entries to retire when unpinned */
+	uint32_t lost_n, lost_cap;   /* used, allocated */
+	struct _waiter *waiters;     /* promote requests in flight */
+	uint64_t removed;            /* retirements since the last gc */
+	/* Counters, written by the actor, read by anyone (relaxed). */
+	STAT(ev, admitted);
+	STAT(ev, admit_dup);
+	STAT(ev, admit_failed);
+	STAT(ev, evicted);
+	STAT(ev, demoted);
+	STAT(ev, demote_failed);
+	STAT(ev, demote_skipped);
+	STAT(ev, evict_blocked);
+	STAT(ev, promoted);
+	STAT(ev, promote_failed);
+	STAT(ev, disk_dropped);
+	STAT(ev, disk_found);
+	STAT(ev, pins_expired);
+	STAT(ev, cpu_entries);
+	STAT(ev, disk_entries);
+};
+#undef STAT
+
+#define INC(ev, f) atomic_fetch_add_explicit(&(ev)->f, 1, memory_order_relaxed)
+#define DEC(ev, f) atomic_fetch_sub_explicit(&(ev)->f, 1, memory_order_relaxed)
+#define GET(ev, f) atomic_load_explicit(&(ev)->f, memory_order_relaxed)
+
+/* ===================== actor thread ===================================== */
+
+static uint32_t occupancy(struct kvrt_evict *ev)
+{
+	struct kvrt_pool_stats st;
+	kvrt_pool_stats(ev->pool, &st);
+	uint32_t held = st.free + st.ring + ev->writing;
+	return held >= ev->slabs ? 0 : ev->slabs - held;
+}
+
+static void free_slab_of(struct kvrt_evict *ev, struct kvrt_index_entry *e)
+{
+	uint32_t s = atomic_load_explicit(&e->slab, memory_order_relaxed);
+	atomic_store_explicit(&e->slab, KVRT_POOL_NO_SLAB, memory_order_relaxed);
+	kvrt_pool_free(ev->pool, s);
+}
+
+/* Retire e (not in the policy). true: gone. false: pinned, nothing changed. */
+static bool retire(struct kvrt_evict *ev, struct kvrt_index_entry *e)
+{
+	enum kvrt_tier t = kvrt_index_entry_tier(e);
+	bool on_disk = e->flags & F_ON_DISK;
+	struct kvrt_chunk_key key = e->key;
+	uint32_t slab = atomic_load_explicit(&e->slab, memory_order_relaxed);
+	if (!kvrt_index_try_retire(ev->idx, e))
+		return false;
+	/* e is freed after the grace period; only our copies are used now. */
+	if (t == KVRT_TIER_CPU) {
+		kvrt_pool_free(ev->pool, slab);
+		DEC(ev, cpu_entries);
+	} else {
+		DEC(ev, disk_entries);
+	}
+	if (on_disk && ev->disk)
+		(void)kvrt_disk_remove(ev->disk, key); /* -EAGAIN: the disk LRU drops it later */
+	ev->removed++;
+	return true;
+}
+
+static void lost_add(struct kvrt_evict *ev, struct kvrt_index_entry *e)
+{
+	if (e->flags & F_LOST)
+		return;
+	if (ev->lost_n == ev->lost_cap) {
+		uint32_t cap = ev->lost_cap ? 2 * ev->lost_cap : 64;
+		struct kvrt_index_entry **l = realloc(ev->lost, cap * sizeof(*l));
+		if (!l) {
+			kvrt_warn("evict: no memory to track a lost disk chunk; it stays a disk hit that fails to load");
+			return;
+		}
+		ev->lost = l;
+		ev->lost_cap = cap;
+	}
+	e->flags |= F_LOST;
+	ev->lost[ev->lost_n++] = e;
+}
+
+/* Disk-only entries whose file is gone: retire those no longer pinned. */
+static void lost_sweep(struct kvrt_evict *ev)
+{
+	uint32_t j = 0;
+	for (uint32_t i = 0; i < ev->lost_n; i++) {
+		struct kvrt_index_entry *e = ev->lost[i];
+		if ((e->flags & KVRT_INDEX_F_READING) || !retire(ev, e))
+			ev->lost[j++] = e;
+	}
+	ev->lost_n = j;
+}
+
+static void header_of(struct kvrt_evict *ev, struct kvrt_index_entry *e, struct kvrt_chunk_header *h)
+{
+	memset(h, 0, sizeof(*h));
+	h->format_version = KVRT_CHUNK_FORMAT_VERSION;
+	h->header_size = KVRT_CHUNK_HEADER_SIZE;
+	h->namespace_hash = ev->cfg.namespace_hash;
+	h->key = e->key;
+	h->shape = ev->cfg.shape;
+	h->num_tokens = e->num_tokens;
+	h->payload_len = e->bytes;
+}
+
+/* Try to move victim e out of the CPU tier. true: done (or started: a disk
+ * write in flight); false: it must stay (pinned). */
+static bool evict_one(struct kvrt_evict *ev, struct kvrt_index_entry *e)
+{
+	if (kvrt_index_state_pins(atomic_load_explicit(&e->state, memory_order_acquire)))
+		return false;
+	if (ev->disk) {
+		if (e->flags & F_ON_DISK) {
+			if (!kvrt_index_try_demote(e, KVRT_TIER_DISK))
+				return false;
+			free_slab_of(ev, e);
+			DEC(ev, cpu_entries);
+			INC(ev, disk_entries);
+			INC(ev, demoted);
+			return true;
+		}
+		struct kvrt_chunk_header h;
+		header_of(ev, e, &h);
+		uint32_t slab = atomic_load_explicit(&e->slab, memory_order_relaxed);
+		int rc = kvrt_disk_write(ev->disk, &h, kvrt_pool_addr(ev->pool, slab), 0);
+		if (rc == 0) {
+			/* The slab stays until WRITTEN; readers may still pin and
+			 * load it meanwhile. */
+			e->flags |= KVRT_INDEX_F_WRITING;
+			ev->writing++;
+			return true;
+		}
+		INC(ev, demote_skipped);
+	}
+	if (!retire(ev, e))
+		return false;
+	INC(ev, evicted);
+	return true;
+}
+
+/* Evict down to the low watermark when above the high one (or when force,
+ * at least `force` slabs). Never waits. */
+static void evict_pass(struct kvrt_evict *ev, uint32_t force)
+{
+	uint32_t occ = occupancy(ev);
+	if (occ <= ev->high && !force)
+		return;
+	uint32_t target = ev->low;
+	if (force && occ >= force && occ - force < target)
+		target = occ - force;
+	uint32_t nskip = 0;
+	while (occ > target) {
+		struct kvrt_index_entry *e = kvrt_policy_victim(ev->pol);
+		if (!e) {
+			INC(ev, evict_blocked);
+			break;
+		}
+		if (evict_one(ev, e))
+			occ--;
+		else
+			ev->skip[nskip++] = e;
+	}
+	for (uint32_t i = nskip; i > 0; i--)
+		kvrt_policy_putback(ev->pol, ev->skip[i - 1]);
+}
+
+static void refill(struct kvrt_evict *ev)
+{
+	evict_pass(ev, 0);
+	kvrt_pool_refill(ev->pool, 0);
+}
+
+static void on_admit(struct kvrt_evict *ev, struct kvrt_msg *m)
+{
+	struct kvrt_chunk_key key = {.lo = m->arg.u64[0], .hi = m->arg.u64[1]};
+	uint32_t slab = (uint32_t)m->arg.u64[2];
+	uint32_t n = m->arg32;
+	uint64_t bytes = kvrt_chunk_payload_bytes(&ev->cfg.shape, n);
+	if (slab >= ev->slabs) {
+		kvrt_error("evict: admit of slab %u (pool has %u): ignored", slab, ev->slabs);
+		return;
+	}
+	if (!n || bytes > kvrt_pool_slab_bytes(ev->pool)) {
+		kvrt_error("evict: admit of %u tokens (%llu bytes) does not fit a slab: dropped", n,
+			   (unsigned long long)bytes);
+		kvrt_pool_free(ev->pool, slab);
+		INC(ev, admit_failed);
+		return;
+	}
+	struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
+	if (e) {
+		if (kvrt_index_entry_tier(e) == KVRT_TIER_DISK && !(e->flags & (KVRT_INDEX_F_READING | F_LOST)) &&
+		    e->bytes == bytes) {
+			/* The chunk is on disk only: the new copy makes it CPU-resident. */
+			kvrt_index_promote(e, slab);
+			kvrt_policy_insert(ev->pol, e);
+			DEC(ev, disk_entries);
+			INC(ev, cpu_entries);
+			INC(ev, admitted);
+		} else {
+			kvrt_pool_free(ev->pool, slab);
+			INC(ev, admit_dup);
+		}
+		return;
+	}
+	e = kvrt_index_entry_new(ev->idx, key, KVRT_TIER_CPU);
+	if (!e) {
+		kvrt_pool_free(ev->pool, slab);
+		INC(ev, admit_failed);
+		return;
+	}
+	e->num_tokens = n;
+	e->bytes = bytes;
+	e->checksum = m->arg.u64[3];
+	atomic_store_explicit(&e->slab, slab, memory_order_relaxed);
+	int rc = kvrt_index_insert(ev->idx, e);
+	if (rc) {
+		kvrt_index_entry_free(ev->idx, e);
+		kvrt_pool_free(ev->pool, slab);
+		INC(ev, admit_failed);
+		return;
+	}
+	kvrt_policy_insert(ev->pol, e);
+	INC(ev, cpu_entries);
+	INC(ev, admitted);
+}
+
+static void waiters_signal(struct kvrt_evict *ev, struct kvrt_index_entry *e, int status)
+{
+	struct _waiter **pp = &ev->waiters;
+	while (*pp) {
+		struct _waiter *w = *pp;
+		if (w->e == e) {
+			*pp = w->next;
+			kvrt_completion_signal(w->c, status);
+			free(w);
+		} else {
+			pp = &w->next;
+		}
+	}
+}
+
+static void on_promote(struct kvrt_evict *ev, struct kvrt_msg *m)
+{
+	struct kvrt_chunk_key key = {.lo = m->arg.u64[0], .hi = m->arg.u64[1]};
+	struct kvrt_completion *c = m->reply;
+	struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
+	int rc;
+	if (!e || (e->flags & F_LOST)) {
+		rc = -ENOENT;
+		goto done;
+	}
+	if (kvrt_index_entry_tier(e) == KVRT_TIER_CPU) {
+		rc = 0;
+		goto done;
+	}
+	struct _waiter *w = malloc(sizeof(*w));
+	if (!w) {
+		rc = -ENOMEM;
+		goto done;
+	}
+	if (!(e->flags & KVRT_INDEX_F_READING)) {
+		if (!ev->disk) {
+			free(w);
+			rc = -ENOENT;
+			goto done;
+		}
+		uint32_t slab = kvrt_pool_alloc(ev->pool);
+		if (slab == KVRT_POOL_NO_SLAB) {
+			evict_pass(ev, 1);
+			slab = kvrt_pool_alloc(ev->pool);
+		}
+		if (slab == KVRT_POOL_NO_SLAB) {
+			free(w);
+			rc = -ENOBUFS;
+			goto done;
+		}
+		rc = kvrt_disk_read(ev->disk, key, kvrt_pool_addr(ev->pool, slab),
+				    kvrt_pool_slab_bytes(ev->pool), slab);
+		if (rc) {
+			kvrt_pool_free(ev->pool, slab);
+			free(w);
+			goto done;
+		}
+		e->flags |= KVRT_INDEX_F_READING;
+		ev->reading++;
+	}
+	w->e = e;
+	w->c = c;
+	w->next = ev->waiters;
+	ev->waiters = w;
+	return;
+done:
+	if (c)
+		kvrt_completion_signal(c, rc);
+}
+
+static void on_disk_written(struct kvrt_evict *ev, struct kvrt_chunk_key key, int status)
+{
+	struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
+	if (!e || !(e->flags & KVRT_INDEX_F_WRITING))
+		return;
+	e->flags &= ~KVRT_INDEX_F_WRITING;
+	ev->writing--;
+	if (status == 0) {
+		e->flags |= F_ON_DISK;
+		if (kvrt_index_try_demote(e, KVRT_TIER_DISK)) {
+			free_slab_of(ev, e);
+			DEC(ev, cpu_entries);
+			INC(ev, disk_entries);
+			INC(ev, demoted);
+			return;
+		}
+	} else {
+		INC(ev, demote_failed);
+		if (retire(ev, e)) {
+			INC(ev, evicted);
+			return;
+		}
+	}
+	/* Pinned while it was written: it stays CPU-resident, as recent. */
+	kvrt_policy_insert(ev->pol, e);
+}
+
+static void on_disk_read_done(struct kvrt_evict *ev, struct kvrt_chunk_key key, int status,
+			      uint32_t slab, uint64_t bytes)
+{
+	struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
+	if (!e || !(e->flags & KVRT_INDEX_F_READING)) {
+		kvrt_pool_free(ev->pool, slab);
+		return;
+	}
+	e->flags &= ~KVRT_INDEX_F_READING;
+	ev->reading--;
+	if (status == 0 && bytes != e->bytes)
+		status = -EBADMSG;
+	if (status == 0) {
+		/* release inside promote: the slab's bytes (written by the disk
+		 * actor, ordered to us by the mailbox) are visible to readers
+		 * that see tier CPU. */
+		kvrt_index_promote(e, slab);
+		e->flags &= ~F_LOST;
+		kvrt_policy_insert(ev->pol, e);
+		DEC(ev, disk_entries);
+		INC(ev, cpu_entries);
+		INC(ev, promoted);
+		waiters_signal(ev, e, 0);
+		return;
+	}
+	kvrt_pool_free(ev->pool, slab);
+	INC(ev, promote_failed);
+	waiters_signal(ev, e, status);
+	if (status == -EAGAIN || status == -ENOMEM || status == -EMSGSIZE)
+		return; /* transient or a local limit: the file stays */
+	/* The copy is bad or gone: a miss from now on. */
+	e->flags &= ~F_ON_DISK;
+	if (!retire(ev, e))
+		lost_add(ev, e);
+}
+
+static void on_disk_dropped(struct kvrt_evict *ev, struct kvrt_chunk_key key)
+{
+	struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
+	if (!e)
+		return;
+	INC(ev, disk_dropped);
+	e->flags &= ~F_ON_DISK;
+	if (kvrt_index_entry_tier(e) != KVRT_TIER_DISK || (e->flags & KVRT_INDEX_F_READING))
+		return; /* CPU copy remains, or the read's completion decides */
+	if (!retire(ev, e))
+		lost_add(ev, e);
+}
+
+static void on_reindex(struct kvrt_evict *ev, struct kvrt_msg *m)
+{
+	const struct _found *f = m->arg.ptr[0];
+	size_t n = (size_t)m->arg.u64[1];
+	ev->disk = m->arg.ptr[2];
+	for (size_t i = 0; i < n; i++) {
+		if (kvrt_index_find(ev->idx, f[i].key))
+			continue;
+		struct kvrt_index_entry *e = kvrt_index_entry_new(ev->idx, f[i].key, KVRT_TIER_DISK);
+		if (!e)
+			break;
+		e->num_tokens = f[i].num_tokens;
+		e->bytes = f[i].payload_len;
+		e->checksum = f[i].checksum;
+		e->flags = F_ON_DISK;
+		if (kvrt_index_insert(ev->idx, e)) {
+			kvrt_index_entry_free(ev->idx, e);
+			continue;
+		}
+		INC(ev, disk_found);
+		INC(ev, disk_entries);
+	}
+}
+
+static void housekeeping(struct kvrt_evict *ev)
+{
+	if (ev->cfg.pin_timeout_ns) {
+		uint64_t now = kvrt_now_ns();
+		if (now > ev->cfg.pin_timeout_ns) {
+			size_t n = kvrt_index_unpin_expired(ev->idx, now - ev->cfg.pin_timeout_ns);
+			if (n) {
+				kvrt_warn("evict: released %zu pins held past %llu ms (a request never finished?)",
+					  n, (unsigned long long)(ev->cfg.pin_timeout_ns / 1000000));
+				atomic_fetch_add_explicit(&ev->pins_expired, n, memory_order_relaxed);
+			}
+		}
+	}
+	lost_sweep(ev);
+	refill(ev);
+	kvrt_index_reclaim(ev->idx);
+	if (ev->removed > 1024 && ev->removed > kvrt_index_count(ev->idx)) {
+		kvrt_index_gc(ev->idx);
+		ev->removed = 0;
+	}
+}
+
+static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop;
+	(void)revents;
+	housekeeping(w->data);
+}
+
+static void handle(struct kvrt_actor *a, struct kvrt_msg *m)
+{
+	struct kvrt_evict *ev = kvrt_actor_data(a);
+	int status = 0;
+	switch (m->type) {
+	case KVRT_EVICT_ADMIT:
+		on_admit(ev, m);
+		break;
+	case KVRT_EVICT_RETURN:
+		for (uint32_t i = 0; i < m->arg32 && i < 5; i++)
+			if (m->arg.u64[i] < ev->slabs)
+				kvrt_pool_free(ev->pool, (uint32_t)m->arg.u64[i]);
+		break;
+	case KVRT_EVICT_PROMOTE:
+		on_promote(ev, m);
+		return; /* replies itself, maybe later */
+	case KVRT_EVICT_RUN:
+		housekeeping(ev);
+		evict_pass(ev, 0);
+		break;
+	case KVRT_EVICT_SYNC:
+		break;
+	case _MSG_REINDEX:
+		on_reindex(ev, m);
+		break;
+	case _MSG_DETACH:
+		ev->disk = NULL;
+		break;
+	case KVRT_EVICT_DISK_BASE + KVRT_DISK_WRITTEN:
+	case KVRT_EVICT_DISK_BASE + KVRT_DISK_READ_DONE:
+	case KVRT_EVICT_DISK_BASE + KVRT_DISK_REMOVED:
+	case KVRT_EVICT_DISK_BASE + KVRT_DISK_DROPPED: {
+		struct kvrt_chunk_key key = {.lo = m->arg.u64[0], .hi = m->arg.u64[1]};
+		int st = (int)m->arg.i64[2];
+		if (m->type == KVRT_EVICT_DISK_BASE + KVRT_DISK_WRITTEN)
+			on_disk_written(ev, key, st);
+		else if (m->type == KVRT_EVICT_DISK_BASE + KVRT_DISK_READ_DONE)
+			on_disk_read_done(ev, key, st, (uint32_t)m->arg.u64[3], m->arg.u64[4]);
+		else if (m->type == KVRT_EVICT_DISK_BASE + KVRT_DISK_DROPPED)
+			on_disk_dropped(ev, key);
+		break;
+	}
+	default:
+		kvrt_error("evict: unknown message type %u", m->type);
+		status = -EINVAL;
+		break;
+	}
+	refill(ev);
+	if (m->reply)
+		kvrt_completion_signal(m->reply, status);
+}
+
+static int start(struct kvrt_actor *a)
+{
+	struct kvrt_evict *ev = kvrt_actor_data(a);
+	ev_timer_init(&ev->tick, tick_cb, (double)ev->cfg.tick_ns / 1e9, (double)ev->cfg.tick_ns / 1e9);
+	ev->tick.data = ev;
+	ev_timer_start(kvrt_actor_loop(a), &ev->tick);
+	kvrt_pool_refill(ev->pool, 0);
+	return 0;
+}
+
+static void stop(struct kvrt_actor *a)
+{
+	struct kvrt_evict *ev = kvrt_actor_data(a);
+	ev_timer_stop(kvrt_actor_loop(a), &ev->tick);
+	/* Promotions still waiting (the disk closed under them) fail. */
+	while (ev->waiters) {
+		struct _waiter *w = ev->waiters;
+		ev->waiters = w->next;
+		kvrt_completion_signal(w->c, -ESHUTDOWN);
+		free(w);
+	}
+	kvrt_index_barrier(ev->idx);
+}
+
+static const char *msg_name(uint32_t type)
+{
+	switch (type) {
+	case KVRT_EVICT_ADMIT: return "admit";
+	case KVRT_EVICT_RETURN: return "return";
+	case KVRT_EVICT_PROMOTE: return "promote";
+	case KVRT_EVICT_RUN: return "run";
+	case KVRT_EVICT_SYNC: return "sync";
+	case _MSG_REINDEX: return "reindex";
+	case _MSG_DETACH: return "detach";
+	case KVRT_EVICT_DISK_BASE + KVRT_DISK_WRITTEN: return "disk_written";
+	case KVRT_EVICT_DISK_BASE + KVRT_DISK_READ_DONE: return "disk_read_done";
+	case KVRT_EVICT_DISK_BASE + KVRT_DISK_REMOVED: return "disk_removed";
+	case KVRT_EVICT_DISK_BASE + KVRT_DISK_DROPPED: return "disk_dropped";
+	default: return "?";
+	}
+}
+
+static const struct kvrt_actor_ops evict_ops = {
+	.handle = handle,
+	.start = start,
+	.stop = stop,
+	.msg_name = msg_name,
+};
+
+/* ===================== owner / any thread ============================== */
+
+static void found_cb(void *ctx, const struct kvrt_chunk_header *h)
+{
+	struct _found_vec *fv = ctx;
+	if (fv->n == fv->cap) {
+		size_t cap = fv->cap ? 2 * fv->cap : 1024;
+		struct _found *v = realloc(fv->v, cap * sizeof(*v));
+		if (!v) {
+			fv->oom = true;
+			return;
+		}
+		fv->v = v;
+		fv->cap = cap;
+	}
+	fv->v[fv->n++] = (struct _found){.key = h->key, .payload_len = h->payload_len,
+					 .checksum = h->checksum, .num_tokens = h->num_tokens};
+}
+
+static int call(struct kvrt_evict *ev, struct kvrt_msg *m)
+{
+	struct kvrt_completion c;
+	kvrt_completion_init(&c);
+	return kvrt_actor_call(ev->actor, m, &c, 5000000000ull);
+}
+
+int kvrt_evict_create(struct kvrt_evict **out, const struct kvrt_evict_config *cfg)
+{
+	*out = NULL;
+	if (!cfg || !cfg->index || !cfg->pool || !cfg->shape.num_layers || !cfg->shape.token_bytes)
+		return -EINVAL;
+	struct kvrt_evict *ev = calloc(1, sizeof(*ev));
+	if (!ev)
+		return -ENOMEM;
+	int rc = -ENOMEM;
+	ev->cfg = *cfg;
+	ev->idx = cfg->index;
+	ev->pool = cfg->pool;
+	ev->slabs = kvrt_pool_slabs(cfg->pool);
+	double hi = cfg->high_watermark > 0 ? cfg->high_watermark : 0.95;
+	double lo = cfg->low_watermark > 0 ? cfg->low_watermark : 0.85;
+	if (hi > 1 || lo > hi) {
+		kvrt_error("evict: watermarks need 0 < low (%g) <= high (%g) <= 1", lo, hi);
+		rc = -EINVAL;
+		goto err;
+	}
+	ev->high = (uint32_t)(hi * ev->slabs);
+	ev->low = (uint32_t)(lo * ev->slabs);
+	if (!ev->cfg.tick_ns)
+		ev->cfg.tick_ns = 10000000;
+	if (!ev->cfg.mailbox_size)
+		ev->cfg.mailbox_size = 4096;
+	bool want_disk = cfg->disk_dir && cfg->disk_dir[0] && cfg->disk_budget_bytes;
+	if (want_disk && !(ev->dir = strdup(cfg->disk_dir)))
+		goto err;
+	ev->cfg.disk_dir = ev->dir;
+	ev->skip = calloc(ev->slabs, sizeof(*ev->skip));
+	if (!ev->skip)
+		goto err;
+	rc = kvrt_policy_create(&ev->pol, cfg->policy, ev->slabs);
+	if (rc)
+		goto err;
+	rc = kvrt_actor_create(&ev->actor, &(struct kvrt_actor_config){.name = "evict",
+								     .mailbox_size = ev->cfg.mailbox_size,
+								     .ops = &evict_ops,
+								     .data = ev});
+	if (rc)
+		goto err;
+	if (want_disk) {
+		struct _found_vec fv = {0};
+		rc = kvrt_disk_open(&ev->disk_owner,
+				    &(struct kvrt_disk_config){.dir = ev->dir,
+							       .budget_bytes = cfg->disk_budget_bytes,
+							       .namespace_hash = cfg->namespace_hash,
+							       .notify = ev->actor,
+							       .msg_base = KVRT_EVICT_DISK_BASE,
+							       .on_found = found_cb,
+							       .ctx = &fv,
+							       .use_odirect = cfg->disk_odirect});
+		if (rc) {
+			free(fv.v);
+			goto err_actor;
+		}
+		if (fv.oom)
+			kvrt_warn("evict: out of memory re-indexing %s: some chunks on disk stay unused", ev->dir);
+		struct kvrt_msg m = {.type = _MSG_REINDEX};
+		m.arg.ptr[0] = fv.v;
+		m.arg.u64[1] = fv.n;
+		m.arg.ptr[2] = ev->disk_owner;
+		rc = call(ev, &m);
+		free(fv.v);
+		if (rc)
+			goto err_disk;
+	}
+	*out = ev;
+	return 0;
+err_disk:
+	kvrt_disk_close(ev->disk_owner);
+err_actor:
+	kvrt_actor_destroy(ev->actor);
+err:
+	kvrt_policy_destroy(ev->pol);
+	free(ev->skip);
+	free(ev->dir);
+	free(ev);
+	return rc;
+}
+
+void kvrt_evict_destroy(struct kvrt_evict *ev)
+{
+	if (!ev)
+		return;
+	if (ev->disk_owner) {
+		struct kvrt_msg m = {.type = _MSG_DETACH};
+		if (call(ev, &m))
+			kvrt_error("evict: could not detach the disk tier before closing it");
+		/* The actor keeps handling the completions close delivers. */
+		kvrt_disk_close(ev->disk_owner);
+	}
+	kvrt_actor_destroy(ev->actor);
+	kvrt_policy_destroy(ev->pol);
+	free(ev->skip);
+	free(ev->lost);
+	free(ev->dir);
+	free(ev);
+}
+
+int kvrt_evict_admit(struct kvrt_evict *ev, struct kvrt_chunk_key key, uint32_t slab,
+		     uint32_t num_tokens, uint64_t checksum)
+{
+	struct kvrt_msg m = {.type = KVRT_EVICT_ADMIT, .arg32 = num_tokens};
+	m.arg.u64[0] = key.lo;
+	m.arg.u64[1] = key.hi;
+	m.arg.u64[2] = slab;
+	m.arg.u64[3] = checksum;
+	return kvrt_actor_try_post(ev->actor, &m) ? 0 : -EAGAIN;
+}
+
+int kvrt_evict_return_slabs(struct kvrt_evict *ev, const uint32_t *slabs, uint32_t n)
+{
+	if (n > 5)
+		return -EINVAL;
+	struct kvrt_msg m = {.type = KVRT_EVICT_RETURN, .arg32 = n};
+	for (uint32_t i = 0; i < n; i++)
+		m.arg.u64[i] = slabs[i];
+	return kvrt_actor_try_post(ev->actor, &m) ? 0 : -EAGAIN;
+}
+
+int kvrt_evict_promote(struct kvrt_evict *ev, struct kvrt_chunk_key key, struct kvrt_completion *c)
+{
+	struct kvrt_msg m = {.type = KVRT_EVICT_PROMOTE, .reply = c};
+	m.arg.u64[0] = key.lo;
+	m.arg.u64[1] = key.hi;
+	return kvrt_actor_post(ev->actor, &m, 0);
+}
+
+int kvrt_evict_run(struct kvrt_evict *ev)
+{
+	struct kvrt_msg m = {.type = KVRT_EVICT_RUN};
+	return call(ev, &m);
+}
+
+int kvrt_evict_sync(struct kvrt_evict *ev)
+{
+	struct kvrt_msg m = {.type = KVRT_EVICT_SYNC};
+	return call(ev, &m);
+}
+
+void kvrt_evict_stats(struct kvrt_evict *ev, struct kvrt_evict_stats *out)
+{
+	memset(out, 0, sizeof(*out));
+	out->admitted = GET(ev, admitted);
+	out->admit_dup = GET(ev, admit_dup);
+	out->admit_failed = GET(ev, admit_failed);
+	out->evicted = GET(ev, evicted);
+	out->demoted = GET(ev, demoted);
+	out->demote_failed = GET(ev, demote_failed);
+	out->demote_skipped = GET(ev, demote_skipped);
+	out->evict_blocked = GET(ev, evict_blocked);
+	out->promoted = GET(ev, promoted);
+	out->promote_failed = GET(ev, promote_failed);
+	out->disk_dropped = GET(ev, disk_dropped);
+	out->disk_found = GET(ev, disk_found);
+	out->pins_expired = GET(ev, pins_expired);
+	out->cpu_entries = GET(ev, cpu_entries);
+	out->disk_entries = GET(ev, disk_entries);
+	struct kvrt_pool_stats ps;
+	kvrt_pool_stats(ev->pool, &ps);
+	out->slabs = ps.slabs;
+	out->slabs_free = ps.free + ps.ring;
+}
+
+struct kvrt_actor *kvrt_evict_actor(struct kvrt_evict *ev)
+{
+	return ev->actor;
+}

@@ -1,0 +1,128 @@
+/* actors/evict.h: the evict actor, single writer of the chunk index.
+ *
+ * Owns: every write to the index (actors/index.h), the pool's free list and
+ * the refill of its hand-off ring (actors/pool.h), the CPU tier's eviction
+ * policy (actors/policy.h), and, when configured, the local disk tier
+ * (actors/disk.h): it opens it in its start hook, demotes evicted chunks to
+ * it and promotes chunks back from it.
+ *
+ *   kvrt_index_create(&idx, ...); kvrt_pool_create(&pool, ...);
+ *   kvrt_evict_create(&ev, &(struct kvrt_evict_config){ .index = idx, .pool = pool,
+ *           .shape = shape, .namespace_hash = ns, .policy = KVRT_POLICY_LRU,
+ *           .disk_dir = "/mnt/nvme/kvrt", .disk_budget_bytes = 100ull << 30 });
+ *   // save actor: take a slab, fill it, hand it over
+ *   uint32_t slab; if (kvrt_pool_take(pool, &slab)) { ...; kvrt_evict_admit(ev, key, slab, n, sum); }
+ *   // lookup: kvrt_index_lookup(reader, keys, n, req, KVRT_INDEX_PIN | KVRT_INDEX_TOUCH, hits)
+ *   // load of a DISK hit: kvrt_evict_promote(ev, key, &completion) then wait on it
+ *   kvrt_evict_destroy(ev);   // then destroy pool and index
+ *
+ * Eviction: the occupancy is the share of slabs not free (held by entries,
+ * by producers, or by reads in flight). Above high_watermark the actor
+ * evicts victims of the policy until it is at or below low_watermark:
+ * pinned entries and entries in flight (being written to or read from disk)
+ * are skipped, never evicted. With a disk tier a victim is first written to
+ * disk (its slab kept until WRITTEN), then its entry moves to tier DISK;
+ * without one (or when the disk refuses) the entry is retired. It runs after
+ * every admit, on a timer (tick_ns) and on request; it never waits.
+ *
+ * Back-pressure: a producer that finds the ring empty skips its save
+ * (kvrt_pool_take false); admit is a try-post and fails with -EAGAIN when
+ * the mailbox is full (the caller then returns the slab with
+ * kvrt_evict_return_slab later, or keeps it for the next chunk). A promote
+ * with no free slab after an eviction pass fails with -ENOBUFS.
+ *
+ * Threads: create/destroy on an owner thread; the posting functions from any
+ * thread but the actor's own; stats from any thread.
+ */
+#ifndef KVRT_ACTORS_EVICT_H
+#define KVRT_ACTORS_EVICT_H
+
+#include "actors/chunk.h"
+#include "actors/index.h"
+#include "actors/policy.h"
+#include "actors/pool.h"
+#include "runtime/actor.h"
+
+struct kvrt_evict;
+
+struct kvrt_evict_config {
+	struct kvrt_index *index;      /* the index; the actor is its only writer */
+	struct kvrt_pool *pool;        /* the CPU pool; the actor owns its free list */
+	struct kvrt_chunk_shape shape; /* every chunk's shape (disk headers) */
+	uint64_t namespace_hash;       /* seed of the keys (disk headers, foreign files) */
+	enum kvrt_policy_kind policy;  /* cache_policy: LRU (default) or S3FIFO */
+	double high_watermark;         /* evict above this share of slabs; 0 = 0.95 */
+	double low_watermark;          /* ... down to this share; 0 = 0.85 */
+	uint64_t tick_ns;              /* housekeeping period; 0 = 10 ms */
+	uint64_t pin_timeout_ns;       /* pins older than this are released; 0 = never */
+	uint32_t mailbox_size;         /* power of two; 0 = 4096 */
+	/* Local disk tier (optional: disk_dir NULL or budget 0 = none). */
+	const char *disk_dir;          /* local_disk directory */
+	uint64_t disk_budget_bytes;    /* max_local_disk_size in bytes */
+	bool disk_odirect;             /* O_DIRECT for the disk tier */
+};
+
+struct kvrt_evict_stats {
+	uint64_t admitted;        /* chunks admitted to the CPU tier */
+	uint64_t admit_dup;       /* admits of a key already present (slab freed) */
+	uint64_t admit_failed;    /* admits refused for memory (slab freed) */
+	uint64_t evicted;         /* entries retired from the CPU tier */
+	uint64_t demoted;         /* entries moved CPU -> DISK */
+	uint64_t demote_failed;   /* disk writes that failed (entry retired) */
+	uint64_t demote_skipped;  /* victims retired because the disk refused a write */
+	uint64_t evict_blocked;   /* passes that stopped above low: all pinned/in flight */
+	uint64_t promoted;        /* DISK -> CPU reads completed */
+	uint64_t promote_failed;  /* promotions that failed (chunk now a miss) */
+	uint64_t disk_dropped;    /* DISK entries the disk tier forgot */
+	uint64_t disk_found;      /* chunks re-indexed from disk at start */
+	uint64_t pins_expired;    /* pins released by the time-out */
+	uint64_t cpu_entries;     /* entries resident in the CPU tier */
+	uint64_t disk_entries;    /* entries in the disk tier only */
+	uint32_t slabs;           /* pool slabs */
+	uint32_t slabs_free;      /* on the free list or in the ring */
+};
+
+/* Message types (for the tracer); the functions below post them. */
+enum kvrt_evict_msg {
+	KVRT_EVICT_ADMIT = 1,   /* key, slab, num_tokens, checksum */
+	KVRT_EVICT_RETURN,      /* slabs given back unused */
+	KVRT_EVICT_PROMOTE,     /* read a DISK chunk into a slab; reply when CPU */
+	KVRT_EVICT_RUN,         /* run an eviction pass now; reply when done */
+	KVRT_EVICT_SYNC,        /* reply once everything posted before is handled */
+	KVRT_EVICT_DISK_BASE = 64, /* + enum kvrt_disk_event (disk completions) */
+};
+
+/* Start the actor (opens the disk tier, re-indexing what it holds, before
+ * this returns). Owner thread. 0, -EINVAL, -ENOMEM, or the disk's error. */
+int kvrt_evict_create(struct kvrt_evict **out, const struct kvrt_evict_config *cfg);
+/* Stop: finish accepted messages, wait for disk writes in flight, close the
+ * disk tier, free the policy. Index entries stay (destroy the index after).
+ * NULL ok. */
+void kvrt_evict_destroy(struct kvrt_evict *ev);
+
+/* Hand a filled slab over as key's chunk of num_tokens tokens. Any thread;
+ * never blocks. 0 (the slab now belongs to the actor: on a duplicate key or
+ * no memory it frees it), -EAGAIN (mailbox full: the slab is still the
+ * caller's). */
+int kvrt_evict_admit(struct kvrt_evict *ev, struct kvrt_chunk_key key, uint32_t slab,
+		     uint32_t num_tokens, uint64_t checksum);
+/* Give back up to 5 slabs taken with kvrt_pool_take and not used.
+ * 0 or -EAGAIN (the slabs are still the caller's). Any thread. */
+int kvrt_evict_return_slabs(struct kvrt_evict *ev, const uint32_t *slabs, uint32_t n);
+/* Ask for key's chunk in the CPU tier. c (caller-owned, initialised) is
+ * signalled with 0 once it is (at once if it already is), or -ENOENT (not
+ * indexed), -ENOBUFS (no slab), -EAGAIN (disk busy), -EBADMSG / -EIO (the
+ * read failed: the chunk is removed, a miss from now on). The caller should
+ * hold a pin on it (kvrt_index_lookup), or it may be evicted again right
+ * after. Returns the post's error (0, -EAGAIN, -ESHUTDOWN). Any thread. */
+int kvrt_evict_promote(struct kvrt_evict *ev, struct kvrt_chunk_key key, struct kvrt_completion *c);
+/* Run an eviction pass and wait for it (tests, after releasing pins). */
+int kvrt_evict_run(struct kvrt_evict *ev);
+/* Wait until everything posted before (by this thread) is handled. */
+int kvrt_evict_sync(struct kvrt_evict *ev);
+/* Counters (any thread, racy snapshot). */
+void kvrt_evict_stats(struct kvrt_evict *ev, struct kvrt_evict_stats *out);
+/* The actor, for tracing and stats. */
+struct kvrt_actor *kvrt_evict_actor(struct kvrt_evict *ev);
+
+#endif
