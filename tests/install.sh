@@ -12,7 +12,6 @@ install -m 0755 "build/plain/libkvrt.so.$version" "$d$prefix/lib/libkvrt.so.$ver
 ln -sf "libkvrt.so.$version" "$d$prefix/lib/libkvrt.so.$so"
 ln -sf "libkvrt.so.$so" "$d$prefix/lib/libkvrt.so"
 install -m 0644 build/kvrt.pc "$d$prefix/lib/pkgconfig/kvrt.pc"
-for t in kvrt-perf kvrt-trace; do
-	if [ -f "build/plain/$t" ]; then install -m 0755 "build/plain/$t" "$d$prefix/bin/$t"; fi
-done
+install -m 0755 build/plain/kvrt-perf "$d$prefix/bin/kvrt-perf"
+install -m 0755 perf/kvrt-trace "$d$prefix/bin/kvrt-trace"
 echo "installed kvrt $version into $d$prefix"
