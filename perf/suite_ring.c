@@ -108,8 +108,10 @@ static void *post_loop(void *arg)
 	struct kvrt_msg m = {.type = 1};
 	for (uint64_t i = 0; i < p->n; i++) {
 		m.arg.u64[0] = i;
-		while (!kvrt_actor_try_post(p->a, &m))
-			kvrt_cpu_relax();
+		/* The blocking post: spins briefly, then sleeps while the
+		 * mailbox is full, leaving the CPU to the actor. */
+		if (kvrt_actor_post(p->a, &m, UINT64_MAX) != 0)
+			break;
 	}
 	return NULL;
 }

@@ -3,9 +3,8 @@
  * Shared state of an actor, and who writes it:
  *   ring      ck_ring MPSC: producers enqueue (CAS on p_head), the actor
  *             dequeues (single consumer).
- *   gate      producers add 1 while posting; kvrt_actor_stop sets GATE_STOP
- *             and waits for the count to reach 0, so no post can land after
- *             the final drain (see "Shutdown" below).
+ *   closed    set once by kvrt_actor_stop; producers read it between
+ *             reserving a slot and committing it (see "Shutdown" below).
  *   idle      the actor sets it just before blocking in epoll (ev_prepare)
  *             and clears it after waking (ev_check); producers read it.
  *   counters  written by the actor thread only, read by anyone (relaxed).
@@ -17,13 +16,18 @@
  * busy actor is never sent anything, which keeps the post path free of
  * writes to the actor's cache lines other than the ring's.
  *
- * Shutdown. stop: gate |= STOP (seq_cst); wait until no post is between its
- * gate check and its enqueue; set quit and wake the actor. A post either saw
- * STOP (it fails with -ESHUTDOWN, nothing queued) or incremented the gate
- * before STOP was set, in which case stop waits for its enqueue to finish
- * before setting quit. The actor, seeing quit, drains the ring once more
- * (everything accepted is in it by then), runs the stop hook and leaves the
- * loop.
+ * Shutdown. A producer reserves its slot (the CAS on ck's p_head), then,
+ * after a fence, reads `closed`; seeing it set, it commits the slot as a
+ * tombstone (type KVRT_MSG_TOMBSTONE, skipped by the actor) and fails with
+ * -ESHUTDOWN. Stop sets `closed`, and after a fence reads p_head and waits
+ * until p_tail reaches it: every slot reserved before that read is then
+ * committed, and every producer that reserved later saw `closed` (the two
+ * store-fence-load pairs are Dekker-ordered). Stop then sets quit and wakes
+ * the actor, which drains the ring once more and leaves its loop. A post
+ * thus either fails or is handled: nothing accepted is lost. The cost on the
+ * message path is one load and one uncontended fence; an earlier version
+ * counted posts in flight with two read-modify-writes on a shared word per
+ * message, which halved throughput with two producers.
  */
 #include "runtime/actor.h"
 
@@ -47,13 +51,13 @@
 
 CK_RING_PROTOTYPE(kvrt_msg, kvrt_msg)
 
-#define GATE_STOP (UINT64_C(1) << 63)
+/* A slot committed by a post that lost the race with stop: skipped. */
+#define KVRT_MSG_TOMBSTONE UINT32_MAX
 
 struct kvrt_actor {
 	/* Producer side: written by every poster. */
 	struct ck_ring ring;          /* the mailbox (ck pads its own heads) */
-	_Atomic uint64_t gate KVRT_CL_ALIGNED; /* posts in progress | GATE_STOP */
-	_Atomic uint64_t rejected;    /* posts refused */
+	_Atomic uint64_t rejected KVRT_CL_ALIGNED; /* posts refused */
 	_Atomic uint32_t tail_sleepers; /* producers asleep waiting for p_tail */
 
 	/* Actor side. */
@@ -85,6 +89,7 @@ struct kvrt_actor {
 	struct kvrt_completion started; /* status of the start hook */
 	_Atomic int stopped;            /* kvrt_actor_stop has joined */
 	_Atomic int stopping;           /* a stop is under way */
+	_Atomic int closed;             /* posts fail from now on (see top) */
 };
 
 /* The single consumer's dequeue: ck's _ck_ring_dequeue_sc (what
@@ -94,7 +99,9 @@ struct kvrt_actor {
  * release before its commit), and release before the c_head store that hands
  * the slot back to the producers (pairs with their acquire after reserving).
  * Through ck's own function the second edge could only be marked after the
- * store, too late to be exact. */
+ * store, too late to be exact. (Batching the p_tail loads and c_head stores
+ * was tried; it made no measurable difference here and shrank the mailbox
+ * while a handler runs, so it was left out.) */
 static bool dequeue(struct kvrt_actor *a, struct kvrt_msg *out)
 {
 	unsigned int consumer = a->ring.c_head; /* only this thread writes it */
@@ -126,6 +133,8 @@ static void drain(struct kvrt_actor *a)
 	uint64_t t0 = kvrt_now_ns(), n = 0;
 	struct kvrt_msg m;
 	while (n < a->capacity && dequeue(a, &m)) {
+		if (KVRT_UNLIKELY(m.type == KVRT_MSG_TOMBSTONE))
+			continue;
 		if (KVRT_UNLIKELY(KVRT_TRACING())) {
 			uint64_t s = kvrt_now_ns();
 			a->ops->handle(a, &m);
@@ -156,8 +165,8 @@ static void on_wake(struct ev_loop *loop, ev_async *w, int revents)
 	struct kvrt_actor *a = w->data;
 	drain(a);
 	if (atomic_load_explicit(&a->quit, memory_order_acquire)) {
-		/* No post can land any more (stop waited for the gate): one
-		 * last drain empties the ring for good. */
+		/* Every accepted post is committed (stop waited for them):
+		 * one last drain empties the ring for good. */
 		while (ck_ring_size(&a->ring) > 0)
 			drain(a);
 		ev_break(loop, EVBREAK_ALL);
@@ -285,7 +294,7 @@ err_free:
  * tail_sleepers (Dekker pair: the committer's p_tail store and sleepers load,
  * the sleeper's sleepers increment and p_tail load, each side fenced), so the
  * common path makes no syscall. ck's commit then finds p_tail == ticket and
- * returns at once. */
+ * returns at once. post_once below does the reserve, copy and commit. */
 static void wait_for_turn(struct kvrt_actor *a, unsigned int ticket)
 {
 	for (unsigned spins = 0; spins < 256; spins++) {
@@ -306,48 +315,37 @@ static void wait_for_turn(struct kvrt_actor *a, unsigned int ticket)
 	atomic_fetch_sub_explicit(&a->tail_sleepers, 1, memory_order_relaxed);
 }
 
-static bool enqueue(struct kvrt_actor *a, const struct kvrt_msg *m)
+/* 1 queued, 0 full, -ESHUTDOWN closed (see "Shutdown" at the top). */
+static int post_once(struct kvrt_actor *a, const struct kvrt_msg *m)
 {
 	unsigned int ticket;
 	struct kvrt_msg *slot = ck_ring_enqueue_reserve_mpsc_kvrt_msg(&a->ring, a->slots, &ticket);
 	if (!slot)
-		return false;
+		return atomic_load_explicit(&a->closed, memory_order_relaxed) ? -ESHUTDOWN : 0;
 	/* TSan: the consumer's read of this slot's previous message
 	 * happened-before this write (see dequeue). */
 	KVRT_TSAN_ACQUIRE(slot);
 	*slot = *m;
+	/* Orders the reservation before the closed load (pairs with stop). */
+	kvrt_fence_seq_cst();
+	bool closed = atomic_load_explicit(&a->closed, memory_order_relaxed);
+	if (KVRT_UNLIKELY(closed))
+		slot->type = KVRT_MSG_TOMBSTONE;
 	if (ck_pr_load_uint(&a->ring.p_tail) != ticket)
 		wait_for_turn(a, ticket);
 	/* TSan: the slot's contents happen-before the consumer's dequeue. */
 	KVRT_TSAN_RELEASE(&a->ring);
 	ck_ring_enqueue_commit_mpsc(&a->ring, ticket);
-	/* Orders the p_tail store before the sleepers load (see above). */
+	/* Orders the p_tail store before the loads of tail_sleepers and idle
+	 * (pairs with wait_for_turn and with the actor's on_prepare). */
 	kvrt_fence_seq_cst();
 	if (atomic_load_explicit(&a->tail_sleepers, memory_order_relaxed))
 		syscall(SYS_futex, &a->ring.p_tail, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-	return true;
-}
-
-/* Enqueue under the gate. 1 queued, 0 full, -ESHUTDOWN stopping. */
-static int post_once(struct kvrt_actor *a, const struct kvrt_msg *m)
-{
-	uint64_t g = atomic_fetch_add_explicit(&a->gate, 1, memory_order_seq_cst);
-	if (KVRT_UNLIKELY(g & GATE_STOP)) {
-		atomic_fetch_sub_explicit(&a->gate, 1, memory_order_release);
+	if (closed)
 		return -ESHUTDOWN;
-	}
-	bool ok = enqueue(a, m);
-	if (ok) {
-		/* Orders the enqueue before the idle load (pairs with the
-		 * actor's fence in on_prepare); see the file comment. */
-		kvrt_fence_seq_cst();
-		if (atomic_load_explicit(&a->idle, memory_order_relaxed))
-			ev_async_send(a->loop, &a->wake);
-	}
-	/* Release: stop, having seen the count drop, also sees the enqueue
-	 * and the wake-up done. */
-	atomic_fetch_sub_explicit(&a->gate, 1, memory_order_release);
-	return ok ? 1 : 0;
+	if (atomic_load_explicit(&a->idle, memory_order_relaxed))
+		ev_async_send(a->loop, &a->wake);
+	return 1;
 }
 
 /* When tracing, the message carries a new flow id (one per post, not per
@@ -435,11 +433,15 @@ int kvrt_actor_stop(struct kvrt_actor *a)
 			sched_yield();
 		return 0;
 	}
-	atomic_fetch_or_explicit(&a->gate, GATE_STOP, memory_order_seq_cst);
-	/* Wait for posts that passed the gate before STOP to finish. Each is
-	 * a handful of instructions; the acquire pairs with their release. */
-	while (atomic_load_explicit(&a->gate, memory_order_acquire) & ~GATE_STOP)
-		kvrt_cpu_relax();
+	atomic_store_explicit(&a->closed, 1, memory_order_relaxed);
+	/* Orders the closed store before the p_head load (pairs with the
+	 * producers' fence in post_once). */
+	kvrt_fence_seq_cst();
+	unsigned int head = ck_pr_load_uint(&a->ring.p_head);
+	/* Wait until every slot reserved before that load is committed; each
+	 * is a few instructions away (or its producer sleeps on its turn). */
+	while ((int)(ck_pr_load_uint(&a->ring.p_tail) - head) < 0)
+		sched_yield();
 	atomic_store_explicit(&a->quit, 1, memory_order_release);
 	ev_async_send(a->loop, &a->wake);
 	pthread_join(a->thread, NULL);

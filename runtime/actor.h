@@ -46,7 +46,7 @@ struct kvrt_actor;
 
 /* A message: 64 bytes, copied by value into the mailbox. */
 struct kvrt_msg {
-	uint32_t type;                 /* meaning set by the receiving actor */
+	uint32_t type;                 /* set by the receiving actor; UINT32_MAX is reserved */
 	uint32_t arg32;                /* small argument, protocol-defined */
 	uint64_t flow;                 /* tracer flow id; set by post, 0 = none */
 	struct kvrt_completion *reply; /* signalled by the handler, or NULL */
