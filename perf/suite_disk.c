@@ -10,10 +10,11 @@
  *   dd read     dd if=DIR/dd.bin of=/dev/null bs=SIZE [iflag=direct]
  * Each figure is the best of two rounds (kvrt and dd interleaved).
  * Neither side fsyncs (kvrt's default; see actors/disk.h "Durability"), so a
- * buffered write is a page-cache ingest for both. Before every read the page
- * cache is dropped (sync; echo 3 > /proc/sys/vm/drop_caches) when that is
- * permitted; otherwise a note says buffered reads are page-cache reads for
- * kvrt and dd alike. Options: --opt disk_dir=PATH (default /tmp),
+ * buffered write is a page-cache ingest for both. Before every read the
+ * run's own files are evicted from the page cache (fdatasync +
+ * POSIX_FADV_DONTNEED per file: nothing else on the machine is touched, no
+ * root needed); if that fails a note says buffered reads are page-cache
+ * reads for kvrt and dd alike. Options: --opt disk_dir=PATH (default /tmp),
  * --opt disk_mib=TOTAL per figure (default 128, 64 with --quick),
  * --opt disk_cold=0 (keep the page cache: warm reads).
  */
@@ -101,16 +102,34 @@ static double _dd(char *const argv[])
 	return (double)(t1 - t0) / 1e9;
 }
 
-/* sync, then drop the page cache; false when not permitted. */
-static bool _drop_caches(void)
+/* Evict this run's own files from the page cache (fdatasync, then
+ * POSIX_FADV_DONTNEED on each file under the suite's directory), so reads
+ * are cold for kvrt and dd alike. Touches nothing else on the machine
+ * (dropping the whole page cache would hurt whatever else runs there) and
+ * needs no root. false when a file could not be evicted. */
+static bool _evict_ok;
+
+static int _evict_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
-	sync();
-	int fd = open("/proc/sys/vm/drop_caches", O_WRONLY | O_CLOEXEC);
+	(void)st;
+	(void)ftw;
+	if (flag != FTW_F)
+		return 0;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
-		return false;
-	bool ok = write(fd, "3\n", 2) == 2;
+		return 0;
+	if (fdatasync(fd) != 0 || posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) != 0)
+		_evict_ok = false;
 	close(fd);
-	return ok;
+	return 0;
+}
+
+static bool _drop_caches(const char *dir)
+{
+	_evict_ok = true;
+	if (nftw(dir, _evict_one, 16, FTW_PHYS) != 0)
+		return false;
+	return _evict_ok;
 }
 
 struct _cfg {
@@ -205,7 +224,7 @@ static int _run_cfg(struct kvrt_perf *p, const struct _cfg *c, uint8_t *src, uin
 
 	/* kvrt read, cold cache when permitted. */
 	if (can_drop)
-		_drop_caches();
+		_drop_caches(c->dir);
 	uint64_t done0 = atomic_load(&sink.read);
 	t0 = kvrt_now_ns();
 	for (uint64_t i = 0; i < c->n; i++) {
@@ -225,7 +244,7 @@ static int _run_cfg(struct kvrt_perf *p, const struct _cfg *c, uint8_t *src, uin
 	kvrt_perf_progress(p, "disk", 3, 4);
 
 	if (can_drop)
-		_drop_caches();
+		_drop_caches(c->dir);
 	char *rargv[] = {"dd", iff, "of=/dev/null", bs, "status=none",
 			 r->odirect_used ? "iflag=direct" : NULL, NULL};
 	s = r->dw > 0 ? _dd(rargv) : -1;
@@ -304,7 +323,7 @@ static int _run(struct kvrt_perf *p)
 		memcpy(src + i * 8, &x, 8);
 	}
 	memset(bufs, 0x5a, maxchunk * _INFLIGHT);
-	bool can_drop = strcmp(kvrt_perf_opt(p, "disk_cold", "1"), "0") != 0 && _drop_caches();
+	bool can_drop = strcmp(kvrt_perf_opt(p, "disk_cold", "1"), "0") != 0 && _drop_caches(top);
 	bool dd_failed = false, od_refused = false;
 	for (int od = 0; od < 2; od++) {
 		for (size_t si = 0; si < KVRT_ARRAY_LEN(sizes); si++) {
