@@ -21,7 +21,7 @@
 #include <unistd.h>
 
 /* Suites are found through weak references: a suite not linked is NULL. */
-#define SUITES(X) X(ring) X(store) X(disk) X(kernels) X(pipeline) X(e2e) X(remote)
+#define SUITES(X) X(ring) X(store) X(disk) X(kernels) X(pipeline) X(e2e) X(remote) X(lmcache)
 #define DECLARE(n) extern const struct kvrt_perf_suite kvrt_perf_suite_##n __attribute__((weak));
 SUITES(DECLARE)
 #undef DECLARE
@@ -203,10 +203,10 @@ static void print_suite(const struct suite_rec *s)
 			double r = ratio_of(f);
 			if (f->limit_name) {
 				snprintf(lim, sizeof lim, "%.4g %s", f->limit, f->unit);
-				snprintf(rat, sizeof rat, "%.2fx", r);
+				snprintf(rat, sizeof rat, r < 0.1 ? "%.3fx" : "%.2fx", r);
 			}
 			if (f->target > 0)
-				snprintf(tgt, sizeof tgt, "%s%.2fx",
+				snprintf(tgt, sizeof tgt, f->target < 0.1 ? "%s%.3fx" : "%s%.2fx",
 					 f->better == KVRT_PERF_HIGHER ? ">=" : "<=", f->target);
 			printf("%-40.40s %14s  %-26.26s %12s %7s %8s %s\n", f->name, val,
 			       f->limit_name ? f->limit_name : "-", lim, rat, tgt, verdict(f, r));
