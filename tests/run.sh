@@ -8,12 +8,15 @@
 # 5-20x slower) so the suite stays within CI's time. Then the Python tests run
 # (tests/python, pytest in .venv) when the venv exists.
 # Logs: build/test-logs/<variant>/<test>.log. Ends with "N passed, N failed".
+# Every program and script runs under a time limit (KVRT_TEST_TIMEOUT
+# seconds, default 600): a hang is reported as a failure, never waited out.
 set -u
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 logs=build/test-logs
 mkdir -p "$logs"
 passed=0 failed=0 skipped=0
+limit=${KVRT_TEST_TIMEOUT:-600}
 failures=""
 
 note_result() { # name status(pass|fail|skip) count
@@ -35,8 +38,9 @@ run_one() { # variant binary
 	esac
 	start=$(date +%s)
 	# shellcheck disable=SC2086
-	env $envs "$bin" >"$log" 2>&1
+	timeout -k 10 "$limit" env $envs "$bin" >"$log" 2>&1
 	rc=$?
+	[ $rc -eq 124 ] && echo "kvrt: timed out after $limit s" >>"$log"
 	secs=$(($(date +%s) - start))
 	synth=$(grep -a 'Synthesis: Tested:' "$log" | tail -n 1)
 	if [ -n "$synth" ]; then
@@ -72,7 +76,7 @@ done
 for t in tests/check-*.sh; do
 	[ -f "$t" ] || continue
 	name=$(basename "$t" .sh)
-	if sh "$t" >"$logs/$name.log" 2>&1; then
+	if timeout -k 10 "$limit" sh "$t" >"$logs/$name.log" 2>&1; then
 		note_result "$name" pass 1; echo "ok   $name"
 	else
 		rc=$?
