@@ -1,0 +1,273 @@
+/* actors/engine.h: the cache engine, everything below the connector.
+ *
+ * Owns: the device (kernels/device.h), the chunk index, the CPU pool, the
+ * evict actor (and through it the optional disk tier), and the three
+ * pipeline actors: lookup (actors/lookup.c), load (actors/load.c) and save
+ * (actors/save.c). The connector (connector/kvrt.h) wraps these calls one
+ * to one; vLLM's threads only post messages and wait on events here.
+ *
+ * Walk-through (one vLLM worker, TP=1, the scheduler in the same process):
+ *
+ *   kvrt_engine_create(&e, &(struct kvrt_engine_config){ .chunk_size = 256,
+ *           .cpu_bytes = 8ull << 30, .namespace_hash = ns });
+ *   kvrt_engine_register(e, tensors, n, NULL);      // register_kv_caches
+ *   // scheduler: get_num_new_matched_tokens
+ *   kvrt_engine_lookup(e, req, ns_req, tokens, n, &hit);   // pins what it found
+ *   // worker, each step:
+ *   kvrt_engine_bind_step(e, &plan);                 // bind_connector_metadata
+ *   kvrt_engine_start_load(e);                       // start_load_kv
+ *   for each layer l: kvrt_engine_wait_layer(e, l);  // wait_for_layer_load
+ *                     ... attention ...
+ *                     kvrt_engine_save_layer(e, l);  // save_kv_layer
+ *   kvrt_engine_wait_save(e);                        // wait_for_save
+ *   kvrt_engine_get_finished(e, delayed, n, &fin);   // get_finished
+ *   kvrt_engine_load_errors(e, blocks, cap);         // get_block_ids_with_load_errors
+ *   // scheduler: request_finished / abort / preemption
+ *   kvrt_engine_release(e, req);
+ *   kvrt_engine_destroy(e);                          // shutdown
+ *
+ * Requests are 64-bit ids (the connector hashes vLLM's strings). An id only
+ * names pins and finished-sets: what is loaded is decided by the token ids
+ * the plan carries (keys are recomputed from them, and checked against the
+ * keys the plan may carry), so two requests whose ids collide can never be
+ * served each other's KV. Bit 63 of a request id is ignored (the engine's
+ * own pin owners use it).
+ *
+ * The step plan (struct kvrt_step_plan) is plain data, copied by
+ * kvrt_engine_bind_step: the caller may free it when that returns. Tokens
+ * are placed by vLLM block ids (slot = block_ids[t / block_size] *
+ * block_size + t % block_size), the compact form of a slot list.
+ *
+ * Chunks: a request's tokens are cut at multiples of chunk_size from token
+ * 0. Chunk i's key chains over chunks 0..i (actors/key.h). A cached "tail"
+ * (fewer than chunk_size tokens, saved with save_unfull_chunk) has its own
+ * key. A load of tokens [load_start, load_end) reads the chunks of the first
+ * load_hit tokens: full chunks, then a tail when load_hit is not a multiple
+ * of chunk_size (pass the lookup's `tokens` as load_hit).
+ *
+ * Threads
+ * - create/register/destroy: one owner thread, nothing else running.
+ * - Scheduler side (lookup, release): any thread, concurrently with each
+ *   other and with the worker side.
+ * - Worker side (bind_step ... load_errors): one thread at a time (vLLM's
+ *   worker thread); the calls of a step in the order above. No malloc,
+ *   syscall or lock per token or per layer on this path; bind_step grows
+ *   its buffers only when a step is larger than every step before.
+ * - stats: any thread.
+ */
+#ifndef KVRT_ACTORS_ENGINE_H
+#define KVRT_ACTORS_ENGINE_H
+
+#include "actors/chunk.h"
+#include "actors/evict.h"
+#include "actors/index.h"
+#include "actors/policy.h"
+#include "actors/pool.h"
+#include "kernels/layout.h"
+#include "runtime/common.h"
+
+struct kvrt_engine;
+
+struct kvrt_engine_config {
+	int device_ordinal;          /* CUDA ordinal (host backend: ignored) */
+	uint32_t chunk_size;         /* tokens per chunk; 0 = 256 */
+	uint64_t cpu_bytes;          /* max_local_cpu_size: pool budget (> one chunk) */
+	uint64_t namespace_hash;     /* the engine's namespace (disk headers) */
+	enum kvrt_policy_kind policy; /* cache_policy */
+	double high_watermark;       /* evict above this share of slabs; 0 = 0.95 */
+	double low_watermark;        /* ... down to this; 0 = 0.85 */
+	uint64_t pin_timeout_ns;     /* lookup pins older than this are released; 0 = 10 min */
+	const char *disk_dir;        /* local disk tier, or NULL */
+	uint64_t disk_bytes;         /* its budget; 0 = no disk tier */
+	bool disk_odirect;           /* O_DIRECT for the disk tier */
+	bool all_at_once;            /* non-layerwise: start_load returns with every
+				      * layer loaded (cross-layer layouts, full CUDA
+				      * graphs); default: one event per layer */
+	bool save_unfull_chunk;      /* save a prompt's last partial chunk */
+	bool save_decode_cache;      /* save chunks holding generated tokens */
+	bool verify_checksums;       /* checksum chunks when saved, verify on load */
+	uint32_t step_tokens;        /* copy-plan rows preallocated per step; 0 = 65536
+				      * (grows when a step needs more) */
+	/* Test instrumentation: called on a backend thread when layer l of a
+	 * step's loads has been scattered (the stream reached that point).
+	 * NULL: none (the default; costs nothing). */
+	void (*on_layer_loaded)(void *ctx, uint32_t layer);
+	void *hook_ctx;              /* first argument of on_layer_loaded */
+};
+
+/* What a lookup found. tokens_now <= tokens. */
+struct kvrt_lookup_result {
+	uint32_t tokens_now; /* leading tokens cached in the CPU tier: loadable now */
+	uint32_t tokens;     /* leading tokens cached in any tier (CPU, then disk):
+			      * loadable after the prefetch this lookup started */
+	uint32_t chunks;     /* chunks behind `tokens` (all pinned) */
+	uint32_t chunks_now; /* chunks behind `tokens_now` */
+};
+
+/* Flags of a plan request. */
+enum {
+	KVRT_PLAN_ASYNC_LOAD = 1u << 0, /* load outside the step: promote lower-tier
+					 * chunks first, report finished-recving when
+					 * the KV is in vLLM's blocks */
+};
+
+/* One request of a step. Token ranges are [start, end) in the request's
+ * token positions; an empty range (start == end) means nothing to do. */
+struct kvrt_plan_req {
+	uint64_t req_id;           /* vLLM's request, hashed (bit 63 ignored) */
+	uint64_t ns_hash;          /* the request's key namespace (kvrt_key_namespace_hash) */
+	const uint32_t *tokens;    /* token ids known so far [num_tokens] */
+	uint32_t num_tokens;       /* prompt + generated so far */
+	uint32_t prompt_tokens;    /* prompt length (tokens beyond are decode) */
+	const int32_t *block_ids;  /* vLLM blocks of tokens [i*bs, (i+1)*bs) */
+	uint32_t num_blocks;       /* entries in block_ids */
+	uint32_t flags;            /* KVRT_PLAN_* */
+	uint32_t load_start;       /* first token to load (vLLM's computed tokens) */
+	uint32_t load_end;         /* one past the last token to load */
+	uint32_t load_hit;         /* tokens the lookup matched (chunk structure);
+				    * 0 = load_end */
+	uint32_t save_start;       /* tokens whose KV existed before this step */
+	uint32_t save_end;         /* tokens whose KV exists after this step */
+	const struct kvrt_chunk_key *keys; /* optional: keys of chunks 0.. as the
+					    * scheduler computed them; a load whose
+					    * recomputed key differs fails */
+	uint32_t num_keys;         /* entries in keys */
+};
+
+struct kvrt_step_plan {
+	const struct kvrt_plan_req *reqs; /* [num_reqs] */
+	uint32_t num_reqs;
+};
+
+/* get_finished's answer; arrays are the caller's. Ids that do not fit stay
+ * for the next call. */
+struct kvrt_finished {
+	uint64_t *sending;     /* delayed-free requests whose saves are done */
+	uint32_t sending_cap;  /* room */
+	uint32_t num_sending;  /* written */
+	uint64_t *recving;     /* async loads finished (failed ones included) */
+	uint32_t recving_cap;
+	uint32_t num_recving;
+	uint64_t *failed;      /* async loads that failed (also in recving) */
+	uint32_t failed_cap;
+	uint32_t num_failed;
+};
+
+struct kvrt_engine_stats {
+	uint64_t lookups;            /* lookups answered */
+	uint64_t lookup_tokens;      /* tokens they matched (any tier) */
+	uint64_t prefetches;         /* chunks promoted by lookups */
+	uint64_t steps;              /* steps bound */
+	uint64_t load_reqs;          /* request loads issued (sync + async) */
+	uint64_t load_chunks;        /* chunks scattered */
+	uint64_t load_tokens;        /* tokens scattered */
+	uint64_t load_failed_chunks; /* chunks that could not be loaded */
+	uint64_t load_error_blocks;  /* block ids reported as load errors */
+	uint64_t async_done;         /* async loads finished */
+	uint64_t save_chunks;        /* chunks gathered and admitted */
+	uint64_t save_dup;           /* chunks not saved: already cached */
+	uint64_t save_skipped_pool;  /* chunks not saved: no free slab */
+	uint64_t save_skipped_mailbox; /* chunks/layers not saved: a mailbox was full */
+	uint64_t save_abandoned;     /* chunks dropped: not every layer was saved */
+	uint64_t checksum_failures;  /* loads refused by verify_checksums */
+	struct kvrt_evict_stats evict; /* the evict actor's */
+	uint64_t pinned;             /* index pins held now */
+};
+
+/* Open the device and create the index (lookups answer 0 until register).
+ * 0, -EINVAL (bad config, one kvrt_error naming the field), -ENOMEM,
+ * -ENODEV, -EIO. Owner thread. */
+int kvrt_engine_create(struct kvrt_engine **out, const struct kvrt_engine_config *cfg);
+
+/* register_kv_caches: describe vLLM's n KV tensors (model layer order) and
+ * start the pool, the evict actor (and disk tier) and the pipeline actors.
+ * compute_stream: vLLM's stream (a cudaStream_t; NULL = the default stream,
+ * or on the host backend the caller's thread). Once. 0, -EINVAL, -EALREADY,
+ * -ENOMEM, or a device / disk error. Owner thread. */
+int kvrt_engine_register(struct kvrt_engine *e, const struct kvrt_kv_tensor *t, uint32_t n,
+			 void *compute_stream);
+
+/* Layers as vLLM names them (inputs; cross-layer tensors expanded). */
+uint32_t kvrt_engine_num_layers(const struct kvrt_engine *e);
+
+/* Stop every actor (accepted work finishes), release every pin, free.
+ * Owner thread; NULL is ignored. */
+void kvrt_engine_destroy(struct kvrt_engine *e);
+
+/* --- scheduler side (any thread) ------------------------------------------ */
+
+/* How many leading tokens of tokens[0..n) are cached under ns_hash, and
+ * where. Pins every chunk found under req_id (replacing pins req_id held
+ * from an earlier lookup: calling it every step is idempotent) and starts
+ * promoting the ones found only on disk. Only whole chunks count, plus a
+ * cached tail of exactly the remaining tokens. 0, -EAGAIN (the lookup
+ * actor's mailbox is full: answer "no hit"), -ESHUTDOWN. Before register:
+ * 0 with nothing found. */
+int kvrt_engine_lookup(struct kvrt_engine *e, uint64_t req_id, uint64_t ns_hash,
+		       const uint32_t *tokens, uint32_t n, struct kvrt_lookup_result *out);
+
+/* Release every lookup pin of req_id (scheduled-and-loaded, finished,
+ * aborted, preempted). Returns the pins released. */
+size_t kvrt_engine_release(struct kvrt_engine *e, uint64_t req_id);
+
+/* --- worker side (one thread) --------------------------------------------- */
+
+/* Bind the step's plan (copied). Hands its saves to the save actor at once
+ * (it prepares while the forward runs). Finishes the previous step first if
+ * the caller skipped its wait_save. 0, -EINVAL (a request's ranges do not
+ * fit its tokens or blocks: that request is dropped, logged, the rest bound),
+ * -ENOMEM, -ENODEV (not registered). */
+int kvrt_engine_bind_step(struct kvrt_engine *e, const struct kvrt_step_plan *p);
+
+/* start_load_kv: hand the bound step's loads to the load actor. Layerwise:
+ * returns at once; all-at-once: returns when every layer is loaded (the
+ * compute stream waits on it). Async loads start here too. Idempotent per
+ * step. 0 or -ESHUTDOWN (then every planned block is a load error). */
+int kvrt_engine_start_load(struct kvrt_engine *e);
+
+/* wait_for_layer_load(layer): once the load actor has issued the layer's
+ * copies (spin briefly, then sleep), make the compute stream wait for them
+ * (CUDA: the CPU does not wait for the copy; host: it does). Starts the
+ * step's loads if start_load was not called yet. 0, -EINVAL (layer), -EIO. */
+int kvrt_engine_wait_layer(struct kvrt_engine *e, uint32_t layer);
+
+/* save_kv_layer(layer): record the compute stream's progress and post the
+ * layer to the save actor, which gathers it behind that point. Never
+ * blocks: a full mailbox skips the step's save (counted). 0 or -EINVAL. */
+int kvrt_engine_save_layer(struct kvrt_engine *e, uint32_t layer);
+
+/* wait_for_save: returns once the gathers that read vLLM's blocks are done
+ * (CUDA: ordered before later work on the compute stream). 0 or -EIO. */
+int kvrt_engine_wait_save(struct kvrt_engine *e);
+
+/* get_finished: delayed[0..n) are requests the connector freed with
+ * delay_free; each is reported in out->sending exactly once, when no
+ * gather of it is in flight. Async loads that finished are reported in
+ * out->recving (and, when they failed, in out->failed too). 0. */
+int kvrt_engine_get_finished(struct kvrt_engine *e, const uint64_t *delayed, uint32_t n,
+			     struct kvrt_finished *out);
+
+/* get_block_ids_with_load_errors: block ids whose load failed since the last
+ * call (each failed request's blocks from its first failed token to the end
+ * of its load; nothing in them was claimed valid). Returns how many were
+ * written (at most cap; the rest stay for the next call). */
+size_t kvrt_engine_load_errors(struct kvrt_engine *e, int64_t *out, size_t cap);
+
+/* Wait until every save of the steps so far has reached the index (or was
+ * dropped: the save actor admitted its chunks and the evict actor handled
+ * them) and no load is in flight (async ones included; their pins are
+ * released). For tests, tools and shutdown, not for the step. 0 or
+ * -ETIMEDOUT. */
+int kvrt_engine_flush(struct kvrt_engine *e);
+
+/* --- any thread ------------------------------------------------------------ */
+
+void kvrt_engine_stats(struct kvrt_engine *e, struct kvrt_engine_stats *out);
+
+/* Parts, for tests and tools (NULL before register for pool/evict). */
+struct kvrt_index *kvrt_engine_index(struct kvrt_engine *e);
+struct kvrt_pool *kvrt_engine_pool(struct kvrt_engine *e);
+struct kvrt_evict *kvrt_engine_evict(struct kvrt_engine *e);
+const struct kvrt_kv_set *kvrt_engine_kv_set(const struct kvrt_engine *e);
+
+#endif

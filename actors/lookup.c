@@ -1,0 +1,238 @@
+/* actors/lookup.c: the lookup actor.
+ *
+ * Owns: its index reader, a scratch key buffer, and the prefetches it
+ * started (promotions of disk-only chunks whose completions it must keep
+ * alive until the evict actor signals them).
+ *
+ * A lookup is a request/reply on the actor's mailbox: the caller (vLLM's
+ * scheduler thread) waits for the answer; its token array stays valid for
+ * the call. The actor hashes the prompt into chunk keys (actors/key.h),
+ * replaces the request's pins with pins on every chunk found, and promotes
+ * the ones found on disk so that an async load finds them in the CPU tier.
+ *
+ * Threads: the handler and the timer run on the actor's thread; create,
+ * destroy and free on the engine's owner thread; _kvrt_lookup_call on any
+ * thread but the actor's.
+ */
+#include <errno.h>
+#include <ev.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "actors/pipeline.h"
+#include "runtime/actor.h"
+#include "runtime/log.h"
+
+enum { _LOOKUP = 1 };
+
+/* Promotions started by one lookup. */
+struct _prefetch {
+	struct _prefetch *next;        /* list */
+	uint32_t n;                    /* completions */
+	struct kvrt_completion c[];    /* one per promoted chunk */
+};
+
+struct kvrt_lookup {
+	struct kvrt_engine *e;          /* the engine */
+	struct kvrt_actor *actor;       /* the actor */
+	struct kvrt_index_reader *r;    /* opened on the actor's thread */
+	struct kvrt_chunk_key *keys;    /* scratch */
+	struct kvrt_index_hit *hits;    /* scratch */
+	size_t cap;                     /* entries in keys and hits */
+	struct _prefetch *pf;           /* prefetches in flight */
+	ev_timer tick;                  /* reaps finished prefetches */
+};
+
+/* A call's arguments and answer (on the caller's stack). */
+struct _lookup_args {
+	uint64_t req;                   /* pin owner */
+	uint64_t ns;                    /* key namespace */
+	const uint32_t *tokens;         /* [n] */
+	uint32_t n;
+	struct kvrt_lookup_result *out; /* answer */
+};
+
+/* Free prefetches whose every promotion has been answered. */
+static void reap(struct kvrt_lookup *l, bool all)
+{
+	struct _prefetch **pp = &l->pf;
+	while (*pp) {
+		struct _prefetch *p = *pp;
+		bool done = true;
+		for (uint32_t i = 0; i < p->n && done; i++)
+			done = kvrt_completion_done(&p->c[i]);
+		if (done || all) {
+			*pp = p->next;
+			free(p);
+		} else {
+			pp = &p->next;
+		}
+	}
+}
+
+static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)revents;
+	struct kvrt_lookup *l = w->data;
+	reap(l, false);
+	if (!l->pf)
+		ev_timer_stop(loop, w);
+}
+
+static int ensure(struct kvrt_lookup *l, size_t n)
+{
+	if (n <= l->cap)
+		return 0;
+	size_t cap = l->cap ? l->cap : 256;
+	while (cap < n)
+		cap *= 2;
+	struct kvrt_chunk_key *k = realloc(l->keys, cap * sizeof(*k));
+	if (!k)
+		return -ENOMEM;
+	l->keys = k;
+	struct kvrt_index_hit *h = realloc(l->hits, cap * sizeof(*h));
+	if (!h)
+		return -ENOMEM;
+	l->hits = h;
+	l->cap = cap;
+	return 0;
+}
+
+static int do_lookup(struct kvrt_lookup *l, struct _lookup_args *a)
+{
+	struct kvrt_engine *e = l->e;
+	uint32_t cs = e->cs;
+	uint32_t nfull = a->n / cs, tail = a->n % cs;
+	int rc = ensure(l, (size_t)nfull + 1);
+	if (rc)
+		return rc;
+	_kvrt_keys(a->ns, a->tokens, cs, nfull, tail, l->keys);
+	/* Idempotent: the request's earlier pins are replaced by this answer. */
+	kvrt_index_unpin_owner(e->idx, a->req);
+	unsigned fl = KVRT_INDEX_PIN | KVRT_INDEX_TOUCH;
+	size_t found = kvrt_index_lookup(l->r, l->keys, nfull, a->req, fl, l->hits);
+	uint32_t tokens = (uint32_t)found * cs;
+	if (found == nfull && tail && kvrt_index_lookup(l->r, l->keys + nfull, 1, a->req, fl, l->hits + nfull)) {
+		found++;
+		tokens += tail;
+	}
+	uint32_t now = 0, nprefetch = 0;
+	while (now < found && l->hits[now].tier == KVRT_TIER_CPU)
+		now++;
+	for (size_t i = now; i < found; i++)
+		nprefetch += l->hits[i].tier != KVRT_TIER_CPU;
+	struct kvrt_lookup_result *o = a->out;
+	o->chunks = (uint32_t)found;
+	o->tokens = tokens;
+	o->chunks_now = now;
+	o->tokens_now = now == found ? tokens : now * cs;
+	if (nprefetch) {
+		struct _prefetch *p = malloc(sizeof(*p) + nprefetch * sizeof(p->c[0]));
+		if (p) {
+			p->n = 0;
+			for (size_t i = now; i < found; i++) {
+				if (l->hits[i].tier == KVRT_TIER_CPU)
+					continue;
+				kvrt_completion_init(&p->c[p->n]);
+				if (kvrt_evict_promote(e->ev, l->keys[i], &p->c[p->n]) == 0)
+					p->n++;
+			}
+			_KVRT_STAT_ADD(e, st_prefetches, p->n);
+			p->next = l->pf;
+			l->pf = p;
+			if (!ev_is_active(&l->tick))
+				ev_timer_start(kvrt_actor_loop(l->actor), &l->tick);
+		}
+	}
+	_KVRT_STAT_ADD(e, st_lookups, 1);
+	_KVRT_STAT_ADD(e, st_lookup_tokens, tokens);
+	return 0;
+}
+
+static void handle(struct kvrt_actor *a, struct kvrt_msg *m)
+{
+	struct kvrt_lookup *l = kvrt_actor_data(a);
+	int rc = -EINVAL;
+	if (m->type == _LOOKUP)
+		rc = do_lookup(l, m->arg.ptr[0]);
+	if (m->reply)
+		kvrt_completion_signal(m->reply, rc);
+}
+
+static int start(struct kvrt_actor *a)
+{
+	struct kvrt_lookup *l = kvrt_actor_data(a);
+	l->r = kvrt_index_reader_open(l->e->idx);
+	if (!l->r)
+		return -ENOMEM;
+	ev_timer_init(&l->tick, tick_cb, 0.001, 0.001);
+	l->tick.data = l;
+	return 0;
+}
+
+static void stop(struct kvrt_actor *a)
+{
+	struct kvrt_lookup *l = kvrt_actor_data(a);
+	ev_timer_stop(kvrt_actor_loop(a), &l->tick);
+	kvrt_index_reader_close(l->r);
+	l->r = NULL;
+}
+
+static const char *msg_name(uint32_t type)
+{
+	return type == _LOOKUP ? "lookup" : "?";
+}
+
+static const struct kvrt_actor_ops lookup_ops = {
+	.handle = handle, .start = start, .stop = stop, .msg_name = msg_name};
+
+int _kvrt_lookup_create(struct kvrt_engine *e, struct kvrt_lookup **out)
+{
+	struct kvrt_lookup *l = calloc(1, sizeof(*l));
+	if (!l)
+		return -ENOMEM;
+	l->e = e;
+	int rc = kvrt_actor_create(&l->actor, &(struct kvrt_actor_config){
+						      .name = "lookup", .mailbox_size = 1024, .ops = &lookup_ops, .data = l});
+	if (rc) {
+		free(l);
+		return rc;
+	}
+	*out = l;
+	return 0;
+}
+
+void _kvrt_lookup_destroy(struct kvrt_lookup *l)
+{
+	if (l)
+		kvrt_actor_destroy(l->actor);
+}
+
+void _kvrt_lookup_free(struct kvrt_lookup *l)
+{
+	if (!l)
+		return;
+	/* The evict actor is gone: it answered every promotion (stop signals
+	 * the ones still waiting), so nothing refers to the completions. */
+	reap(l, true);
+	free(l->keys);
+	free(l->hits);
+	free(l);
+}
+
+int _kvrt_lookup_call(struct kvrt_lookup *l, uint64_t req, uint64_t ns, const uint32_t *tokens,
+		      uint32_t n, struct kvrt_lookup_result *out)
+{
+	struct _lookup_args args = {.req = req, .ns = ns, .tokens = tokens, .n = n, .out = out};
+	struct kvrt_msg m = {.type = _LOOKUP};
+	m.arg.ptr[0] = &args;
+	struct kvrt_completion c;
+	kvrt_completion_init(&c);
+	/* A full mailbox answers "no hit" rather than stall the scheduler. */
+	int rc = kvrt_actor_call(l->actor, &m, &c, 1000000);
+	if (rc == -ETIMEDOUT)
+		rc = -EAGAIN;
+	if (rc)
+		memset(out, 0, sizeof(*out));
+	return rc;
+}

@@ -1,0 +1,600 @@
+/* tests/test_pipeline.c: the engine's save and load pipelines on the host
+ * backend: round trips in every layout, layer ordering and overlap, many
+ * requests at once, abort, preemption, chunks evicted or corrupted between
+ * lookup and load, async loads (from the CPU tier and from disk), the save
+ * policy flags, delayed frees; every test ends with no pin held. */
+#include <criterion/criterion.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include "tests/test_pipeline_util.h"
+
+static struct kvrt_engine_config base_cfg(uint32_t cs)
+{
+	return (struct kvrt_engine_config){.chunk_size = cs, .cpu_bytes = 8u << 20, .save_unfull_chunk = true,
+					   .step_tokens = 64};
+}
+
+static void lookup_all(struct prig *g, struct preq **r, uint32_t n, uint32_t *hit)
+{
+	for (uint32_t i = 0; i < n; i++) {
+		struct kvrt_lookup_result res;
+		cr_assert_eq(kvrt_engine_lookup(g->e, r[i]->id, g->ns, r[i]->tok, r[i]->T, &res), 0);
+		hit[i] = res.tokens;
+		cr_assert_eq(res.tokens_now, res.tokens, "all in the CPU tier");
+	}
+}
+
+/* Load reqs (already looked up: hit[]) into fresh poisoned blocks,
+ * tokens [from[i], to[i]); check; no errors expected. */
+static void load_and_check(struct prig *g, struct preq **r, uint32_t n, const uint32_t *hit,
+			   const uint32_t *from, const uint32_t *to)
+{
+	struct kvrt_plan_req *pr = calloc(n, sizeof(*pr));
+	for (uint32_t i = 0; i < n; i++)
+		preq_relocate(g, r[i]);
+	prig_poison(g);
+	for (uint32_t i = 0; i < n; i++) {
+		pr[i] = preq_plan(g, r[i]);
+		pr[i].load_start = from[i];
+		pr[i].load_end = to[i];
+		pr[i].load_hit = hit[i];
+	}
+	prig_step(g, pr, n, NULL, NULL);
+	int64_t errs[16];
+	cr_assert_eq(prig_errors(g, errs, 16), 0, "unexpected load errors");
+	prig_check(g, r, from, to, n);
+	free(pr);
+}
+
+Test(pipeline, roundtrip_every_layout)
+{
+	struct kt_spec specs[64];
+	uint32_t ns = kt_specs(specs, 64);
+	uint32_t stride = (uint32_t)(64 / kvrt_test_scaled(64, 8));
+	for (uint32_t si = 0; si < ns; si += stride) {
+		struct kt_spec s = specs[si];
+		struct prig g;
+		prig_up(&g, &s, base_cfg(2 * s.bs), 1000 + si);
+		struct preq a, b, c;
+		uint32_t cs = g.cs;
+		preq_make(&g, &a, 1, 3 * cs + 1 + (uint32_t)(kvrt_test_rand(&g.rng) % (cs - 1)), NULL, 0);
+		preq_make(&g, &b, 2, 2 * cs, &a, cs); /* shares chunk 0 with a */
+		preq_share_kv(&g, &b, &a, cs);
+		preq_make(&g, &c, 3, cs + 3, NULL, 0);
+		struct preq *r[] = {&a, &b, &c};
+		prig_save(&g, r, 3);
+		uint32_t hit[3];
+		lookup_all(&g, r, 3, hit);
+		cr_assert_eq(hit[0], a.T);
+		cr_assert_eq(hit[1], b.T);
+		cr_assert_eq(hit[2], c.T);
+		/* a: all; b: vLLM had its first block; c: all but its last token. */
+		uint32_t from[] = {0, g.bs, 0}, to[] = {a.T, b.T, c.T - 1};
+		load_and_check(&g, r, 3, hit, from, to);
+		for (int i = 0; i < 3; i++)
+			kvrt_engine_release(g.e, r[i]->id);
+		cr_assert_eq(kvrt_engine_flush(g.e), 0);
+		cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0, "pins leaked");
+		preq_fini(&g, &a);
+		preq_fini(&g, &b);
+		preq_fini(&g, &c);
+		prig_down(&g);
+	}
+}
+
+/* --- layer ordering ------------------------------------------------------- */
+
+struct order {
+	struct prig *g;
+	struct preq *r;
+	uint32_t L;
+	_Atomic uint64_t hook_ns[16]; /* when layer l's scatter was done */
+	uint64_t call_ns[16];         /* when wait_layer(l) was called */
+	uint64_t busy_ns;             /* simulated attention per layer */
+	bool check;                   /* check data per layer */
+};
+
+static void on_loaded(void *ctx, uint32_t l)
+{
+	struct order *o = ctx;
+	atomic_store(&o->hook_ns[l], kvrt_now_ns());
+}
+
+Test(pipeline, layer_order_and_overlap)
+{
+	struct kt_spec s = {.layout = KVRT_KV_FLASH_ATTN, .order = KT_NHD, .layers = 8, .nb = 160, .bs = 16,
+			    .heads = 8, .hs = 64, .elem = 2};
+	/* 2 ms of "attention" per layer; longer under the sanitizers
+	 * (KVRT_TEST_SCALE < 1), whose copies are several times slower. */
+	struct order o = {.L = 8, .busy_ns = 2000000 * (kvrt_test_scaled(100, 10) < 100 ? 5 : 1)};
+	struct kvrt_engine_config cfg = base_cfg(64);
+	cfg.cpu_bytes = 64u << 20;
+	cfg.on_layer_loaded = on_loaded;
+	cfg.hook_ctx = &o;
+	struct prig g;
+	prig_up(&g, &s, cfg, 7);
+	struct preq a;
+	preq_make(&g, &a, 11, 1024, NULL, 0);
+	struct preq *r[] = {&a};
+	prig_save(&g, r, 1);
+	uint32_t hit;
+	lookup_all(&g, r, 1, &hit);
+	preq_relocate(&g, &a);
+	prig_poison(&g);
+	for (uint32_t l = 0; l < o.L; l++)
+		atomic_store(&o.hook_ns[l], 0);
+	struct kvrt_plan_req pr = preq_plan(&g, &a);
+	pr.load_end = pr.load_hit = a.T;
+	struct kvrt_step_plan p = {.reqs = &pr, .num_reqs = 1};
+	cr_assert_eq(kvrt_engine_bind_step(g.e, &p), 0);
+	cr_assert_eq(kvrt_engine_start_load(g.e), 0);
+	for (uint32_t l = 0; l < o.L; l++) {
+		o.call_ns[l] = kvrt_now_ns();
+		cr_assert_eq(kvrt_engine_wait_layer(g.e, l), 0);
+		uint64_t ret = kvrt_now_ns();
+		uint64_t h = atomic_load(&o.hook_ns[l]);
+		cr_assert(h != 0 && h <= ret, "wait_for_layer_load(%u) returned before its layer was in place", l);
+		/* Layer l is in place now, bit for bit. */
+		for (uint32_t t = 0; t < a.T; t++)
+			for (uint32_t kv = 0; kv < 2; kv++)
+				for (uint32_t hh = 0; hh < 8; hh++)
+					cr_assert(!memcmp(kt_at(&g.m, l, kv, preq_slot(&g, &a, t), hh),
+							  preq_ref(&g, &a, t, l, kv, hh), g.hb),
+						  "layer %u token %u not loaded at its wait", l, t);
+		/* attention of layer l */
+		while (kvrt_now_ns() - ret < o.busy_ns)
+			kvrt_cpu_relax();
+	}
+	cr_assert_eq(kvrt_engine_wait_save(g.e), 0);
+	/* Loads ran ahead of the waits: layers whose copy was done before
+	 * their wait was even called (they overlapped earlier attention). */
+	uint32_t ahead = 0;
+	for (uint32_t l = 1; l < o.L; l++)
+		ahead += atomic_load(&o.hook_ns[l]) < o.call_ns[l];
+	/* At least one: how many depends on how the scheduler shares the
+	 * cores with other work, which a test must not assume. */
+	cr_assert_geq(ahead, 1, "none of %u layers was loaded ahead of its wait: no overlap", o.L - 1);
+	uint32_t from = 0, to = a.T;
+	prig_check(&g, r, &from, &to, 1);
+	kvrt_engine_release(g.e, a.id);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0);
+	preq_fini(&g, &a);
+	prig_down(&g);
+}
+
+/* --- many requests ---------------------------------------------------------- */
+
+Test(pipeline, many_concurrent_requests)
+{
+	struct kt_spec s = {.layout = KVRT_KV_FLASHINFER, .order = KT_HND, .layers = 4, .nb = 1024, .bs = 4,
+			    .heads = 2, .hs = 16, .elem = 2, .pad = 3};
+	struct prig g;
+	prig_up(&g, &s, base_cfg(8), 99);
+	enum { N = 48 };
+	struct preq q[N], *r[N];
+	for (uint32_t i = 0; i < N; i++) {
+		uint32_t T = 1 + (uint32_t)(kvrt_test_rand(&g.rng) % 50);
+		bool share = i > 0 && q[i - 1].T >= 8 && T > 8 && i % 3;
+		preq_make(&g, &q[i], 100 + i, T, share ? &q[i - 1] : NULL, share ? 8 : 0);
+		if (share)
+			preq_share_kv(&g, &q[i], &q[i - 1], 8);
+		r[i] = &q[i];
+	}
+	prig_save(&g, r, N / 2);
+	prig_save(&g, r + N / 2, N - N / 2);
+	struct kvrt_engine_stats st;
+	kvrt_engine_stats(g.e, &st);
+	cr_assert_gt(st.save_dup, 0, "shared prefixes were saved twice");
+	uint32_t hit[N], from[N], to[N];
+	lookup_all(&g, r, N, hit);
+	for (uint32_t i = 0; i < N; i++) {
+		cr_assert_eq(hit[i], q[i].T, "request %u: hit %u of %u", i, hit[i], q[i].T);
+		uint32_t blocks_local = (uint32_t)(kvrt_test_rand(&g.rng) % (hit[i] / g.bs + 1));
+		from[i] = blocks_local * g.bs;
+		to[i] = hit[i];
+		if (from[i] >= to[i])
+			from[i] = to[i] = 0; /* nothing to load */
+	}
+	load_and_check(&g, r, N, hit, from, to);
+	kvrt_engine_stats(g.e, &st);
+	cr_assert_eq(st.load_failed_chunks, 0);
+	for (uint32_t i = 0; i < N; i++) {
+		kvrt_engine_release(g.e, q[i].id);
+		preq_fini(&g, &q[i]);
+	}
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0, "pins leaked");
+	prig_down(&g);
+}
+
+/* --- abort, preemption -------------------------------------------------------- */
+
+static struct kt_spec small_spec(void)
+{
+	return (struct kt_spec){.layout = KVRT_KV_FLASH_ATTN, .order = KT_BFIRST, .layers = 3, .nb = 128,
+				.bs = 8, .heads = 2, .hs = 8, .elem = 4};
+}
+
+Test(pipeline, abort_mid_load)
+{
+	struct kt_spec s = small_spec();
+	struct prig g;
+	prig_up(&g, &s, base_cfg(16), 5);
+	struct preq a, b;
+	preq_make(&g, &a, 21, 70, NULL, 0);
+	preq_make(&g, &b, 22, 64, NULL, 0);
+	struct preq *r[] = {&a, &b};
+	prig_save(&g, r, 2);
+	uint32_t hit[2];
+	lookup_all(&g, r, 2, hit);
+	preq_relocate(&g, &a);
+	preq_relocate(&g, &b);
+	prig_poison(&g);
+	struct kvrt_plan_req pr[2] = {preq_plan(&g, &a), preq_plan(&g, &b)};
+	pr[0].load_end = pr[0].load_hit = hit[0];
+	pr[1].load_end = pr[1].load_hit = hit[1];
+	pr[1].flags = KVRT_PLAN_ASYNC_LOAD;
+	struct kvrt_step_plan p = {.reqs = pr, .num_reqs = 2};
+	cr_assert_eq(kvrt_engine_bind_step(g.e, &p), 0);
+	cr_assert_eq(kvrt_engine_start_load(g.e), 0);
+	/* The scheduler aborts both while their loads are in flight. */
+	kvrt_engine_release(g.e, a.id);
+	kvrt_engine_release(g.e, b.id);
+	for (uint32_t l = 0; l < g.L; l++)
+		cr_assert_eq(kvrt_engine_wait_layer(g.e, l), 0);
+	/* The async one is reported finished-receiving once its KV is in. */
+	uint64_t sending[4], recving[4], failed[4];
+	struct kvrt_finished fin = {.sending = sending, .sending_cap = 4, .recving = recving, .recving_cap = 4,
+				    .failed = failed, .failed_cap = 4};
+	uint64_t t0 = kvrt_now_ns();
+	do {
+		cr_assert_eq(kvrt_engine_get_finished(g.e, NULL, 0, &fin), 0);
+		cr_assert_lt(kvrt_now_ns() - t0, 10000000000ull, "async load never finished");
+		if (!fin.num_recving)
+			usleep(200);
+	} while (!fin.num_recving);
+	cr_assert_eq(fin.num_recving, 1);
+	cr_assert_eq(recving[0], b.id);
+	cr_assert_eq(fin.num_failed, 0);
+	int64_t errs[8];
+	cr_assert_eq(prig_errors(&g, errs, 8), 0);
+	uint32_t from[] = {0, 0}, to[] = {hit[0], hit[1]};
+	prig_check(&g, r, from, to, 2);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0, "pins leaked");
+	preq_fini(&g, &a);
+	preq_fini(&g, &b);
+	prig_down(&g);
+}
+
+Test(pipeline, preempt_and_resume)
+{
+	struct kt_spec s = small_spec();
+	struct prig g;
+	prig_up(&g, &s, base_cfg(16), 6);
+	struct preq a;
+	preq_make(&g, &a, 31, 64, NULL, 0);
+	struct preq *r[] = {&a};
+	prig_save(&g, r, 1);
+	uint32_t hit;
+	/* vLLM asks every step while the request waits: idempotent pins. */
+	for (int i = 0; i < 5; i++) {
+		lookup_all(&g, r, 1, &hit);
+		cr_assert_eq(kvrt_engine_flush(g.e), 0);
+		cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 4, "pins must not pile up");
+	}
+	uint32_t from = 0, to = hit;
+	load_and_check(&g, r, 1, &hit, &from, &to);
+	/* Preempted: its blocks are gone; on resume it is looked up again. */
+	kvrt_engine_release(g.e, a.id);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0);
+	lookup_all(&g, r, 1, &hit);
+	cr_assert_eq(hit, a.T);
+	load_and_check(&g, r, 1, &hit, &from, &to);
+	kvrt_engine_release(g.e, a.id);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0, "pins leaked");
+	preq_fini(&g, &a);
+	prig_down(&g);
+}
+
+/* --- chunks gone or corrupt between lookup and load ------------------------------- */
+
+/* Load a whole, expecting errors from token fail_tok on: those blocks
+ * untouched, the tokens before loaded. */
+static void load_expect_failure(struct prig *g, struct preq *a, uint32_t hit, uint32_t fail_tok)
+{
+	preq_relocate(g, a);
+	prig_poison(g);
+	struct kvrt_plan_req pr = preq_plan(g, a);
+	pr.load_end = pr.load_hit = hit;
+	prig_step(g, &pr, 1, NULL, NULL);
+	int64_t errs[64];
+	size_t n = prig_errors(g, errs, 64);
+	uint32_t b0 = fail_tok / g->bs, b1 = (hit + g->bs - 1) / g->bs;
+	cr_assert_eq(n, b1 - b0, "%zu error blocks, expected %u", n, b1 - b0);
+	for (size_t i = 0; i < n; i++)
+		cr_assert_eq(errs[i], a->blk[b0 + i], "error block %zu", i);
+	uint32_t from = 0, to = b0 * g->bs;
+	struct preq *r[] = {a};
+	prig_check(g, r, &from, &to, 1);
+}
+
+Test(pipeline, chunk_evicted_between_lookup_and_load)
+{
+	struct kt_spec s = small_spec();
+	struct kvrt_engine_config cfg = base_cfg(16);
+	/* 16 tokens x 3 layers x 128 bytes = 6 KiB per chunk: 2 pages; 24 slabs. */
+	cfg.cpu_bytes = 24 * 8192;
+	cfg.high_watermark = 0.6;
+	cfg.low_watermark = 0.3;
+	struct prig g;
+	prig_up(&g, &s, cfg, 8);
+	struct preq a;
+	preq_make(&g, &a, 41, 64, NULL, 0);
+	struct preq *ra[] = {&a};
+	prig_save(&g, ra, 1);
+	uint32_t hit;
+	lookup_all(&g, ra, 1, &hit);
+	cr_assert_eq(hit, 64);
+	/* The pins time out (or the request goes away) and newer KV pushes
+	 * a's chunks out. */
+	kvrt_engine_release(g.e, a.id);
+	struct kvrt_index_reader *rd = kvrt_index_reader_open(kvrt_engine_index(g.e));
+	struct kvrt_chunk_key keys[4];
+	kvrt_key_prompt(g.ns, a.tok, a.T, 16, false, keys, 4);
+	uint32_t round = 0;
+	while (kvrt_index_lookup(rd, keys, 4, 0, 0, NULL) == 4) {
+		cr_assert_lt(round++, 64u, "a's chunks never left the cache");
+		struct preq x;
+		preq_make(&g, &x, 1000 + round, 32, NULL, 0);
+		struct preq *rx[] = {&x};
+		prig_save(&g, rx, 1);
+		kvrt_evict_run(kvrt_engine_evict(g.e));
+		preq_fini(&g, &x);
+	}
+	size_t left = kvrt_index_lookup(rd, keys, 4, 0, 0, NULL);
+	kvrt_index_reader_close(rd);
+	load_expect_failure(&g, &a, hit, (uint32_t)left * 16);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0, "pins leaked");
+	preq_fini(&g, &a);
+	prig_down(&g);
+}
+
+Test(pipeline, chunk_corrupted_between_lookup_and_load)
+{
+	struct kt_spec s = small_spec();
+	struct kvrt_engine_config cfg = base_cfg(16);
+	cfg.verify_checksums = true;
+	struct prig g;
+	prig_up(&g, &s, cfg, 9);
+	struct preq a;
+	preq_make(&g, &a, 51, 64, NULL, 0);
+	struct preq *ra[] = {&a};
+	prig_save(&g, ra, 1);
+	uint32_t hit;
+	lookup_all(&g, ra, 1, &hit);
+	/* Flip one byte of chunk 2 in the CPU tier. */
+	struct kvrt_index_reader *rd = kvrt_index_reader_open(kvrt_engine_index(g.e));
+	struct kvrt_chunk_key keys[4];
+	kvrt_key_prompt(g.ns, a.tok, a.T, 16, false, keys, 4);
+	struct kvrt_index_hit h[4];
+	cr_assert_eq(kvrt_index_lookup(rd, keys, 4, 0, 0, h), 4);
+	cr_assert_eq(h[2].tier, KVRT_TIER_CPU);
+	unsigned char *p = kvrt_pool_addr(kvrt_engine_pool(g.e), h[2].slab);
+	p[1000] ^= 0x40;
+	kvrt_index_reader_close(rd);
+	load_expect_failure(&g, &a, hit, 32);
+	struct kvrt_engine_stats st;
+	kvrt_engine_stats(g.e, &st);
+	cr_assert_eq(st.checksum_failures, 1);
+	kvrt_engine_release(g.e, a.id);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0, "pins leaked");
+	preq_fini(&g, &a);
+	prig_down(&g);
+}
+
+/* A plan whose keys do not match its tokens (a request id collision, a
+ * scheduler bug) loads nothing of the mismatched chain. */
+Test(pipeline, key_mismatch_is_a_load_error)
+{
+	struct kt_spec s = small_spec();
+	struct prig g;
+	prig_up(&g, &s, base_cfg(16), 10);
+	struct preq a;
+	preq_make(&g, &a, 61, 48, NULL, 0);
+	struct preq *ra[] = {&a};
+	prig_save(&g, ra, 1);
+	struct kvrt_chunk_key keys[3];
+	kvrt_key_prompt(g.ns, a.tok, a.T, 16, false, keys, 3);
+	keys[1].lo ^= 1;
+	preq_relocate(&g, &a);
+	prig_poison(&g);
+	struct kvrt_plan_req pr = preq_plan(&g, &a);
+	pr.load_end = pr.load_hit = 48;
+	pr.keys = keys;
+	pr.num_keys = 3;
+	prig_step(&g, &pr, 1, NULL, NULL);
+	int64_t errs[16];
+	cr_assert_eq(prig_errors(&g, errs, 16), 4, "blocks of chunks 1 and 2");
+	uint32_t from = 0, to = 16;
+	prig_check(&g, ra, &from, &to, 1);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0, "pins leaked");
+	preq_fini(&g, &a);
+	prig_down(&g);
+}
+
+/* --- save policy, delayed free -------------------------------------------------- */
+
+Test(pipeline, save_policy_flags)
+{
+	struct kt_spec s = small_spec();
+	struct kvrt_engine_config cfg = base_cfg(16);
+	cfg.save_unfull_chunk = false;
+	struct prig g;
+	prig_up(&g, &s, cfg, 11);
+	struct preq a;
+	preq_make(&g, &a, 71, 60, NULL, 0);
+	/* Prefill of 40 prompt tokens in two steps (chunked), then decode to 60. */
+	struct kvrt_plan_req pr = preq_plan(&g, &a);
+	pr.prompt_tokens = 40;
+	pr.num_tokens = 24;
+	pr.save_start = 0;
+	pr.save_end = 24;
+	prig_step(&g, &pr, 1, NULL, NULL);
+	pr.num_tokens = 40;
+	pr.save_start = 24;
+	pr.save_end = 40;
+	prig_step(&g, &pr, 1, NULL, NULL);
+	pr.num_tokens = 60;
+	pr.save_start = 40;
+	pr.save_end = 60;
+	prig_step(&g, &pr, 1, NULL, NULL);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	struct kvrt_lookup_result res;
+	cr_assert_eq(kvrt_engine_lookup(g.e, a.id, g.ns, a.tok, 60, &res), 0);
+	cr_assert_eq(res.tokens, 32, "full prompt chunks only: no tail, no decode chunk");
+	struct kvrt_engine_stats st;
+	kvrt_engine_stats(g.e, &st);
+	cr_assert_eq(st.save_chunks, 2);
+	kvrt_engine_release(g.e, a.id);
+	preq_fini(&g, &a);
+	prig_down(&g);
+
+	cfg.save_unfull_chunk = true;
+	cfg.save_decode_cache = true;
+	prig_up(&g, &s, cfg, 12);
+	preq_make(&g, &a, 72, 60, NULL, 0);
+	pr = preq_plan(&g, &a);
+	pr.prompt_tokens = 40;
+	pr.save_end = 40;
+	prig_step(&g, &pr, 1, NULL, NULL);
+	pr.save_start = 40;
+	pr.save_end = 60;
+	prig_step(&g, &pr, 1, NULL, NULL);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_engine_lookup(g.e, a.id, g.ns, a.tok, 40, &res), 0);
+	cr_assert_eq(res.tokens, 40, "the prompt's tail was saved");
+	cr_assert_eq(kvrt_engine_lookup(g.e, a.id, g.ns, a.tok, 48, &res), 0);
+	cr_assert_eq(res.tokens, 48, "the decode chunk was saved");
+	kvrt_engine_release(g.e, a.id);
+	preq_fini(&g, &a);
+	prig_down(&g);
+}
+
+Test(pipeline, delayed_free_reported_once)
+{
+	struct kt_spec s = small_spec();
+	struct prig g;
+	prig_up(&g, &s, base_cfg(16), 13);
+	struct preq a, b;
+	preq_make(&g, &a, 81, 32, NULL, 0);
+	preq_make(&g, &b, 82, 32, NULL, 0);
+	struct preq *r[] = {&a};
+	prig_save(&g, r, 1); /* a saved; b never saves */
+	uint64_t delayed[] = {a.id, b.id};
+	uint64_t sending[4], recving[4], failed[4];
+	struct kvrt_finished fin = {.sending = sending, .sending_cap = 4, .recving = recving, .recving_cap = 4,
+				    .failed = failed, .failed_cap = 4};
+	cr_assert_eq(kvrt_engine_get_finished(g.e, delayed, 2, &fin), 0);
+	uint32_t seen_a = 0, seen_b = 0;
+	for (int round = 0; round < 3; round++) {
+		for (uint32_t i = 0; i < fin.num_sending; i++) {
+			seen_a += sending[i] == a.id;
+			seen_b += sending[i] == b.id;
+		}
+		cr_assert_eq(kvrt_engine_get_finished(g.e, NULL, 0, &fin), 0);
+	}
+	cr_assert_eq(seen_a, 1);
+	cr_assert_eq(seen_b, 1);
+	preq_fini(&g, &a);
+	preq_fini(&g, &b);
+	prig_down(&g);
+}
+
+/* --- async load of chunks that only the disk tier holds ---------------------------- */
+
+Test(pipeline, async_load_from_disk)
+{
+	struct kt_spec s = small_spec();
+	struct kvrt_engine_config cfg = base_cfg(16);
+	char dir[64] = "/tmp/kvrt-test-pipeline-XXXXXX";
+	cr_assert(mkdtemp(dir));
+	cfg.cpu_bytes = 24 * 8192;
+	cfg.high_watermark = 0.6;
+	cfg.low_watermark = 0.3;
+	cfg.disk_dir = dir;
+	cfg.disk_bytes = 8u << 20;
+	struct prig g;
+	prig_up(&g, &s, cfg, 14);
+	struct preq a;
+	preq_make(&g, &a, 91, 64, NULL, 0);
+	struct preq *ra[] = {&a};
+	prig_save(&g, ra, 1);
+	/* Newer KV pushes a's chunks down to disk. */
+	struct kvrt_index_reader *rd = kvrt_index_reader_open(kvrt_engine_index(g.e));
+	struct kvrt_chunk_key keys[4];
+	kvrt_key_prompt(g.ns, a.tok, a.T, 16, false, keys, 4);
+	struct kvrt_index_hit h[4];
+	uint32_t round = 0;
+	for (;;) {
+		cr_assert_eq(kvrt_index_lookup(rd, keys, 4, 0, 0, h), 4, "a left the disk too");
+		if (h[0].tier == KVRT_TIER_DISK)
+			break;
+		cr_assert_lt(round++, 200u, "a's chunks never reached the disk");
+		struct preq x;
+		preq_make(&g, &x, 2000 + round, 32, NULL, 0);
+		struct preq *rx[] = {&x};
+		prig_save(&g, rx, 1);
+		kvrt_evict_run(kvrt_engine_evict(g.e));
+		preq_fini(&g, &x);
+		usleep(1000);
+	}
+	kvrt_index_reader_close(rd);
+	struct kvrt_lookup_result res;
+	cr_assert_eq(kvrt_engine_lookup(g.e, a.id, g.ns, a.tok, a.T, &res), 0);
+	cr_assert_eq(res.tokens, 64, "found on disk");
+	cr_assert_eq(res.tokens_now, 0, "chunk 0 is not in the CPU tier");
+	preq_relocate(&g, &a);
+	prig_poison(&g);
+	struct kvrt_plan_req pr = preq_plan(&g, &a);
+	pr.load_end = pr.load_hit = 64;
+	pr.flags = KVRT_PLAN_ASYNC_LOAD;
+	prig_step(&g, &pr, 1, NULL, NULL);
+	uint64_t sending[2], recving[2], failed[2];
+	struct kvrt_finished fin = {.sending = sending, .sending_cap = 2, .recving = recving, .recving_cap = 2,
+				    .failed = failed, .failed_cap = 2};
+	uint64_t t0 = kvrt_now_ns();
+	do {
+		cr_assert_eq(kvrt_engine_get_finished(g.e, NULL, 0, &fin), 0);
+		cr_assert_lt(kvrt_now_ns() - t0, 20000000000ull, "async load never finished");
+		if (!fin.num_recving)
+			usleep(500);
+	} while (!fin.num_recving);
+	cr_assert_eq(recving[0], a.id);
+	struct kvrt_engine_stats st;
+	kvrt_engine_stats(g.e, &st);
+	cr_assert_eq(fin.num_failed, 0, "promoted %llu, failed %llu, prefetches %llu, failed chunks %llu",
+		     (unsigned long long)st.evict.promoted, (unsigned long long)st.evict.promote_failed,
+		     (unsigned long long)st.prefetches, (unsigned long long)st.load_failed_chunks);
+	int64_t errs[8];
+	cr_assert_eq(prig_errors(&g, errs, 8), 0);
+	uint32_t from = 0, to = 64;
+	prig_check(&g, ra, &from, &to, 1);
+	kvrt_engine_stats(g.e, &st);
+	cr_assert_geq(st.evict.promoted, 1);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0, "pins leaked");
+	preq_fini(&g, &a);
+	prig_down(&g);
+	char cmd[128];
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	cr_expect_eq(system(cmd), 0);
+}
