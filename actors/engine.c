@@ -156,6 +156,9 @@ int kvrt_engine_create(struct kvrt_engine **out, const struct kvrt_engine_config
 	if (cfg->disk_dir && !(e->disk_dir = strdup(cfg->disk_dir)))
 		goto err;
 	e->cfg.disk_dir = e->disk_dir;
+	if (cfg->remote_url && !(e->remote_url = strdup(cfg->remote_url)))
+		goto err;
+	e->cfg.remote_url = e->remote_url;
 	pthread_mutex_init(&e->res_mu, NULL);
 	rc = kvrt_index_create(&e->idx, &(struct kvrt_index_config){.capacity = 4096});
 	if (rc)
@@ -171,6 +174,7 @@ err_mu:
 	pthread_mutex_destroy(&e->res_mu);
 err:
 	free(e->disk_dir);
+	free(e->remote_url);
 	free(e);
 	return rc;
 }
@@ -265,9 +269,18 @@ int kvrt_engine_register(struct kvrt_engine *e, const struct kvrt_kv_tensor *t, 
 					       .pin_timeout_ns = e->cfg.pin_timeout_ns,
 					       .disk_dir = e->disk_dir,
 					       .disk_budget_bytes = e->cfg.disk_bytes,
-					       .disk_odirect = e->cfg.disk_odirect});
+					       .disk_odirect = e->cfg.disk_odirect,
+					       .remote_url = e->remote_url,
+					       .remote_timeout_ms = e->cfg.remote_timeout_ms,
+					       .remote_ttl_s = e->cfg.remote_ttl_s,
+					       .remote_max_pending_writes = e->cfg.remote_max_pending_writes});
 	if (rc)
 		goto err_pool;
+	if (kvrt_evict_has_remote(e->ev)) {
+		uint64_t to = e->cfg.remote_timeout_ms ? e->cfg.remote_timeout_ms : 1000;
+		uint64_t w = e->cfg.remote_lookup_wait_ms ? e->cfg.remote_lookup_wait_ms : 5;
+		e->remote_wait_ns = (w < to ? w : to) * 1000000ull;
+	}
 	if ((rc = kvrt_stream_wrap(e->dev, compute_stream, &e->compute)))
 		goto err_ev;
 	e->lstream = kvrt_device_load_stream(e->dev);
@@ -309,6 +322,7 @@ err_events:
 	kvrt_stream_destroy(e->compute);
 	e->compute = NULL;
 err_ev:
+	e->remote_wait_ns = 0;
 	kvrt_evict_destroy(e->ev);
 	e->ev = NULL;
 err_pool:
@@ -367,6 +381,7 @@ void kvrt_engine_destroy(struct kvrt_engine *e)
 	free(e->errs);
 	free(e->recv);
 	free(e->disk_dir);
+	free(e->remote_url);
 	free(e);
 }
 
@@ -858,6 +873,14 @@ void kvrt_engine_stats(struct kvrt_engine *e, struct kvrt_engine_stats *out)
 	if (e->ev)
 		kvrt_evict_stats(e->ev, &out->evict);
 	out->pinned = kvrt_index_pinned(e->idx);
+	out->remote_finds = GET(st_remote_finds);
+	out->remote_find_late = GET(st_remote_find_late);
+	out->remote_writes = out->evict.remote_writes;
+	out->remote_dropped = out->evict.remote_write_dropped + out->evict.remote_write_failed;
+	out->remote_reads = out->evict.remote_reads;
+	out->remote_hits = out->evict.remote_hits;
+	out->remote_misses = out->evict.remote_misses;
+	out->remote_errors = out->evict.remote_errors;
 }
 
 struct kvrt_index *kvrt_engine_index(struct kvrt_engine *e)

@@ -1,7 +1,7 @@
 /* actors/engine.h: the cache engine, everything below the connector.
  *
  * Owns: the device (kernels/device.h), the chunk index, the CPU pool, the
- * evict actor (and through it the optional disk tier), and the three
+ * evict actor (and through it the optional disk and remote tiers), and the three
  * pipeline actors: lookup (actors/lookup.c), load (actors/load.c) and save
  * (actors/save.c). The connector (connector/kvrt.h) wraps these calls one
  * to one; vLLM's threads only post messages and wait on events here.
@@ -80,6 +80,18 @@ struct kvrt_engine_config {
 	const char *disk_dir;        /* local disk tier, or NULL */
 	uint64_t disk_bytes;         /* its budget; 0 = no disk tier */
 	bool disk_odirect;           /* O_DIRECT for the disk tier */
+	/* Remote tier (actors/remote.h), shared by every engine pointed at the
+	 * same Redis with the same namespace_hash: chunks saved here are
+	 * written there in the background; lookups that miss locally ask it. */
+	const char *remote_url;      /* redis://host:port[/db], redis-cluster://h:p,...;
+				      * NULL or "" = none (copied) */
+	uint32_t remote_timeout_ms;  /* per-request deadline; 0 = 1000 */
+	uint32_t remote_ttl_s;       /* expiry of written chunks; 0 = none */
+	uint32_t remote_max_pending_writes; /* write-behinds in flight before new
+				      * ones are dropped (counted); 0 = 16 */
+	uint32_t remote_lookup_wait_ms; /* how long a lookup waits for Redis' answer
+				      * (a later lookup sees a late one); 0 = 5,
+				      * capped by remote_timeout_ms */
 	bool all_at_once;            /* non-layerwise: start_load returns with every
 				      * layer loaded (cross-layer layouts, full CUDA
 				      * graphs); default: one event per layer */
@@ -172,6 +184,17 @@ struct kvrt_engine_stats {
 	uint64_t checksum_failures;  /* loads refused by verify_checksums */
 	struct kvrt_evict_stats evict; /* the evict actor's */
 	uint64_t pinned;             /* index pins held now */
+	/* Remote tier (also in evict.remote_*): */
+	uint64_t remote_finds;       /* lookups that asked Redis (a local miss) */
+	uint64_t remote_find_late;   /* ... whose answer came after the lookup's wait */
+	uint64_t remote_writes;      /* chunks written to Redis (write-behind) */
+	uint64_t remote_dropped;     /* write-behinds dropped (queue full, server
+				      * down) or failed in flight */
+	uint64_t remote_reads;       /* chunks read from Redis (prefetches) */
+	uint64_t remote_hits;        /* ... that arrived in the CPU tier */
+	uint64_t remote_misses;      /* ... gone from Redis meanwhile */
+	uint64_t remote_errors;      /* ... corrupt / timed out / connection lost, and
+				      * finds that failed */
 };
 
 /* Open the device and create the index (lookups answer 0 until register).
@@ -199,7 +222,8 @@ void kvrt_engine_destroy(struct kvrt_engine *e);
 /* How many leading tokens of tokens[0..n) are cached under ns_hash, and
  * where. Pins every chunk found under req_id (replacing pins req_id held
  * from an earlier lookup: calling it every step is idempotent) and starts
- * promoting the ones found only on disk. Only whole chunks count, plus a
+ * promoting the ones found only on disk or in Redis (remote_url: a local
+ * miss asks Redis, waiting at most remote_lookup_wait_ms). Only whole chunks count, plus a
  * cached tail of exactly the remaining tokens. 0, -EAGAIN (the lookup
  * actor's mailbox is full: answer "no hit"), -ESHUTDOWN. Before register:
  * 0 with nothing found. */

@@ -5,7 +5,9 @@
  * owner's thread (kvrt_evict_create/destroy, the disk's rule), its found
  * chunks handed to the actor in one REINDEX call; DETACH makes the actor
  * stop issuing disk requests before the owner closes it, while the actor
- * keeps handling the completions the close delivers.
+ * keeps handling the completions the close delivers. The remote tier
+ * (actors/remote.h) is attached and detached the same way (ATTACH_REMOTE /
+ * DETACH_REMOTE around kvrt_remote_open / kvrt_remote_close).
  */
 #include "actors/evict.h"
 
@@ -15,18 +17,36 @@
 #include <string.h>
 
 #include "actors/disk.h"
+#include "actors/remote.h"
 #include "runtime/log.h"
 
 /* Writer-only entry flags beyond the index's (entry->flags). */
 enum {
 	F_ON_DISK = 1u << 8, /* a verified copy is in the disk tier */
 	F_LOST = 1u << 9,    /* the disk copy is gone and the entry is disk-only: retire when unpinned */
+	F_RWRITING = 1u << 10, /* write-behind to Redis in flight: slab read, never evicted */
+	F_RLIST = 1u << 11,  /* a REMOTE entry, in ev->rl (owner_data: when indexed) */
+	F_RLOST = 1u << 12,  /* REMOTE entry whose read failed: retire when unpinned */
 };
+
+/* REMOTE entries nobody promoted are dropped after this (unpinned). */
+#define _REMOTE_ENTRY_TTL_NS (2ull * 1000000000ull)
 
 /* Internal message types. */
 enum {
 	_MSG_REINDEX = 32, /* arg.ptr[0]: struct _found *, u64[1]: count, ptr[2]: disk */
 	_MSG_DETACH = 33,  /* stop issuing disk requests */
+	_MSG_ATTACH_REMOTE = 34, /* arg.ptr[0]: struct kvrt_remote * */
+	_MSG_DETACH_REMOTE = 35, /* stop issuing remote requests */
+};
+
+/* A remote find in flight (the EXISTS request's cookie; the actor frees it). */
+struct _rfind {
+	struct kvrt_completion *c; /* caller's */
+	uint32_t n;                /* keys */
+	uint32_t num_tokens;       /* tokens of each chunk */
+	uint32_t last_tokens;      /* tokens of the last one (0: num_tokens) */
+	struct kvrt_chunk_key keys[]; /* [n] */
 };
 
 /* A chunk found on disk at open. */
@@ -60,6 +80,12 @@ struct kvrt_evict {
 	struct kvrt_policy *pol;     /* CPU order */
 	struct kvrt_disk *disk;      /* attached disk tier (actor thread), or NULL */
 	struct kvrt_disk *disk_owner; /* the same, owner thread's copy for close */
+	struct kvrt_remote *remote;  /* attached remote tier (actor thread), or NULL */
+	struct kvrt_remote *remote_owner; /* the same, owner thread's copy for close */
+	char *url;                   /* copy of remote_url */
+	uint32_t rwriting;           /* write-behinds in flight */
+	struct kvrt_index_entry **rl; /* REMOTE entries (F_RLIST) */
+	uint32_t rl_n, rl_cap;       /* used, allocated */
 	ev_timer tick;               /* housekeeping timer */
 	uint32_t slabs;              /* pool slabs */
 	uint32_t high, low;          /* watermarks in slabs */
@@ -86,6 +112,17 @@ struct kvrt_evict {
 	STAT(ev, pins_expired);
 	STAT(ev, cpu_entries);
 	STAT(ev, disk_entries);
+	STAT(ev, remote_writes);
+	STAT(ev, remote_write_dropped);
+	STAT(ev, remote_write_failed);
+	STAT(ev, remote_finds);
+	STAT(ev, remote_found);
+	STAT(ev, remote_find_missed);
+	STAT(ev, remote_reads);
+	STAT(ev, remote_hits);
+	STAT(ev, remote_misses);
+	STAT(ev, remote_errors);
+	STAT(ev, remote_entries);
 };
 #undef STAT
 
@@ -123,6 +160,8 @@ static bool retire(struct kvrt_evict *ev, struct kvrt_index_entry *e)
 	if (t == KVRT_TIER_CPU) {
 		kvrt_pool_free(ev->pool, slab);
 		DEC(ev, cpu_entries);
+	} else if (t == KVRT_TIER_REMOTE) {
+		DEC(ev, remote_entries);
 	} else {
 		DEC(ev, disk_entries);
 	}
@@ -180,6 +219,8 @@ static bool evict_one(struct kvrt_evict *ev, struct kvrt_index_entry *e)
 {
 	if (kvrt_index_state_pins(atomic_load_explicit(&e->state, memory_order_acquire)))
 		return false;
+	if (e->flags & F_RWRITING)
+		return false; /* Redis is reading its slab */
 	if (ev->disk) {
 		if (e->flags & F_ON_DISK) {
 			if (!kvrt_index_try_demote(e, KVRT_TIER_DISK))
@@ -241,6 +282,58 @@ static void refill(struct kvrt_evict *ev)
 	kvrt_pool_refill(ev->pool, 0);
 }
 
+/* Start the write-behind of a newly admitted CPU entry. Dropped (counted)
+ * when the tier refuses it: a full queue or a server down never waits. */
+static void remote_write_behind(struct kvrt_evict *ev, struct kvrt_index_entry *e)
+{
+	if (!ev->remote)
+		return;
+	struct kvrt_chunk_header h;
+	header_of(ev, e, &h);
+	uint32_t slab = atomic_load_explicit(&e->slab, memory_order_relaxed);
+	int rc = kvrt_remote_write(ev->remote, &h, kvrt_pool_addr(ev->pool, slab), 0);
+	if (rc) {
+		INC(ev, remote_write_dropped);
+		return;
+	}
+	/* The slab stays, unchanged (CPU slabs are immutable) and unevicted,
+	 * until WRITTEN. */
+	e->flags |= F_RWRITING;
+	ev->rwriting++;
+}
+
+/* Drop e from the REMOTE list (it was promoted or retired). */
+static void rl_remove(struct kvrt_evict *ev, struct kvrt_index_entry *e)
+{
+	if (!(e->flags & F_RLIST))
+		return;
+	e->flags &= ~(F_RLIST | F_RLOST);
+	for (uint32_t i = 0; i < ev->rl_n; i++) {
+		if (ev->rl[i] == e) {
+			ev->rl[i] = ev->rl[--ev->rl_n];
+			return;
+		}
+	}
+}
+
+/* REMOTE entries nobody promoted in time, or whose read failed: retire the
+ * unpinned ones. */
+static void rl_sweep(struct kvrt_evict *ev)
+{
+	if (!ev->rl_n)
+		return;
+	uint64_t now = kvrt_now_ns();
+	uint32_t j = 0;
+	for (uint32_t i = 0; i < ev->rl_n; i++) {
+		struct kvrt_index_entry *e = ev->rl[i];
+		bool old = now - e->owner_data > _REMOTE_ENTRY_TTL_NS;
+		if (!(e->flags & KVRT_INDEX_F_READING) && ((e->flags & F_RLOST) || old) && retire(ev, e))
+			continue;
+		ev->rl[j++] = e;
+	}
+	ev->rl_n = j;
+}
+
 static void on_admit(struct kvrt_evict *ev, struct kvrt_msg *m)
 {
 	struct kvrt_chunk_key key = {.lo = m->arg.u64[0], .hi = m->arg.u64[1]};
@@ -260,12 +353,19 @@ static void on_admit(struct kvrt_evict *ev, struct kvrt_msg *m)
 	}
 	struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
 	if (e) {
-		if (kvrt_index_entry_tier(e) == KVRT_TIER_DISK && !(e->flags & (KVRT_INDEX_F_READING | F_LOST)) &&
-		    e->bytes == bytes) {
-			/* The chunk is on disk only: the new copy makes it CPU-resident. */
+		enum kvrt_tier t = kvrt_index_entry_tier(e);
+		if ((t == KVRT_TIER_DISK || t == KVRT_TIER_REMOTE) &&
+		    !(e->flags & (KVRT_INDEX_F_READING | F_LOST | F_RLOST)) && e->bytes == bytes) {
+			/* The chunk is in a lower tier only: the new copy makes it
+			 * CPU-resident. */
 			kvrt_index_promote(e, slab);
 			kvrt_policy_insert(ev->pol, e);
-			DEC(ev, disk_entries);
+			if (t == KVRT_TIER_REMOTE) {
+				rl_remove(ev, e);
+				DEC(ev, remote_entries);
+			} else {
+				DEC(ev, disk_entries);
+			}
 			INC(ev, cpu_entries);
 			INC(ev, admitted);
 		} else {
@@ -294,6 +394,7 @@ static void on_admit(struct kvrt_evict *ev, struct kvrt_msg *m)
 	kvrt_policy_insert(ev->pol, e);
 	INC(ev, cpu_entries);
 	INC(ev, admitted);
+	remote_write_behind(ev, e);
 }
 
 static void waiters_signal(struct kvrt_evict *ev, struct kvrt_index_entry *e, int status)
@@ -317,7 +418,7 @@ static void on_promote(struct kvrt_evict *ev, struct kvrt_msg *m)
 	struct kvrt_completion *c = m->reply;
 	struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
 	int rc;
-	if (!e || (e->flags & F_LOST)) {
+	if (!e || (e->flags & (F_LOST | F_RLOST))) {
 		rc = -ENOENT;
 		goto done;
 	}
@@ -331,7 +432,8 @@ static void on_promote(struct kvrt_evict *ev, struct kvrt_msg *m)
 		goto done;
 	}
 	if (!(e->flags & KVRT_INDEX_F_READING)) {
-		if (!ev->disk) {
+		bool remote = kvrt_index_entry_tier(e) == KVRT_TIER_REMOTE;
+		if (remote ? !ev->remote : !ev->disk) {
 			free(w);
 			rc = -ENOENT;
 			goto done;
@@ -346,8 +448,15 @@ static void on_promote(struct kvrt_evict *ev, struct kvrt_msg *m)
 			rc = -ENOBUFS;
 			goto done;
 		}
-		rc = kvrt_disk_read(ev->disk, key, kvrt_pool_addr(ev->pool, slab),
-				    kvrt_pool_slab_bytes(ev->pool), slab);
+		if (remote) {
+			rc = kvrt_remote_read(ev->remote, key, kvrt_pool_addr(ev->pool, slab),
+					      kvrt_pool_slab_bytes(ev->pool), slab);
+			if (rc == 0)
+				INC(ev, remote_reads);
+		} else {
+			rc = kvrt_disk_read(ev->disk, key, kvrt_pool_addr(ev->pool, slab),
+					    kvrt_pool_slab_bytes(ev->pool), slab);
+		}
 		if (rc) {
 			kvrt_pool_free(ev->pool, slab);
 			free(w);
@@ -442,6 +551,119 @@ static void on_disk_dropped(struct kvrt_evict *ev, struct kvrt_chunk_key key)
 		lost_add(ev, e);
 }
 
+static void on_remote_written(struct kvrt_evict *ev, struct kvrt_chunk_key key, int status)
+{
+	struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
+	if (!e || !(e->flags & F_RWRITING))
+		return;
+	e->flags &= ~F_RWRITING;
+	ev->rwriting--;
+	if (status == 0)
+		INC(ev, remote_writes);
+	else
+		INC(ev, remote_write_failed);
+}
+
+static void on_remote_read_done(struct kvrt_evict *ev, struct kvrt_chunk_key key, int status,
+				uint32_t slab, uint64_t bytes, uint32_t num_tokens)
+{
+	struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
+	if (!e || !(e->flags & KVRT_INDEX_F_READING) || kvrt_index_entry_tier(e) != KVRT_TIER_REMOTE) {
+		kvrt_pool_free(ev->pool, slab);
+		return;
+	}
+	e->flags &= ~KVRT_INDEX_F_READING;
+	ev->reading--;
+	if (status == 0 && (bytes != e->bytes || num_tokens != e->num_tokens))
+		status = -EBADMSG; /* another shape under the same key: never served */
+	if (status == 0) {
+		/* release inside promote: the slab's bytes (written by the remote
+		 * actor, ordered to us by the mailbox) are visible to readers
+		 * that see tier CPU. */
+		kvrt_index_promote(e, slab);
+		rl_remove(ev, e);
+		kvrt_policy_insert(ev->pol, e);
+		DEC(ev, remote_entries);
+		INC(ev, cpu_entries);
+		INC(ev, remote_hits);
+		waiters_signal(ev, e, 0);
+		return;
+	}
+	kvrt_pool_free(ev->pool, slab);
+	if (status == -ENOENT)
+		INC(ev, remote_misses);
+	else
+		INC(ev, remote_errors);
+	INC(ev, promote_failed);
+	waiters_signal(ev, e, status);
+	/* A miss from now on; retired once unpinned (rl_sweep). */
+	e->flags |= F_RLOST;
+}
+
+/* A find request: ask Redis (EXISTS) about f's keys. */
+static void on_remote_find(struct kvrt_evict *ev, struct _rfind *f)
+{
+	int rc = -ENOENT;
+	if (ev->remote)
+		rc = kvrt_remote_exists(ev->remote, f->keys, f->n, (uint64_t)(uintptr_t)f);
+	if (rc) {
+		kvrt_completion_signal(f->c, rc);
+		free(f);
+	}
+}
+
+/* Redis holds f's first `present` keys: index those not indexed yet. */
+static void on_remote_exists_done(struct kvrt_evict *ev, struct _rfind *f, int status, uint64_t present)
+{
+	if (present > f->n)
+		present = f->n;
+	uint64_t now = kvrt_now_ns();
+	uint32_t ok = 0;
+	for (; ok < present; ok++) {
+		struct kvrt_chunk_key key = f->keys[ok];
+		uint32_t ntok = f->last_tokens && ok == f->n - 1 ? f->last_tokens : f->num_tokens;
+		struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
+		if (e)
+			continue; /* indexed meanwhile (saved here, or an earlier find) */
+		if (ev->rl_n == ev->rl_cap) {
+			uint32_t cap = ev->rl_cap ? 2 * ev->rl_cap : 256;
+			struct kvrt_index_entry **l = realloc(ev->rl, cap * sizeof(*l));
+			if (!l)
+				break;
+			ev->rl = l;
+			ev->rl_cap = cap;
+		}
+		e = kvrt_index_entry_new(ev->idx, key, KVRT_TIER_REMOTE);
+		if (!e)
+			break;
+		e->num_tokens = ntok;
+		e->bytes = kvrt_chunk_payload_bytes(&ev->cfg.shape, ntok);
+		/* The value's own checksum is verified by the tier on read. */
+		e->checksum = 0;
+		e->flags = F_RLIST;
+		e->owner_data = now;
+		if (kvrt_index_insert(ev->idx, e)) {
+			kvrt_index_entry_free(ev->idx, e);
+			break;
+		}
+		ev->rl[ev->rl_n++] = e;
+		INC(ev, remote_found);
+		INC(ev, remote_entries);
+	}
+	INC(ev, remote_finds);
+	if (!present) {
+		if (status && status != -ENOENT)
+			INC(ev, remote_errors);
+		else
+			INC(ev, remote_find_missed);
+	}
+	f->c->value[0] = ok;
+	/* The entries are published (insert) before the signal: a lookup
+	 * woken by it finds and pins them. */
+	kvrt_completion_signal(f->c, ok ? 0 : status);
+	free(f);
+}
+
 static void on_reindex(struct kvrt_evict *ev, struct kvrt_msg *m)
 {
 	const struct _found *f = m->arg.ptr[0];
@@ -483,6 +705,7 @@ static void housekeeping(struct kvrt_evict *ev)
 		}
 	}
 	lost_sweep(ev);
+	rl_sweep(ev);
 	refill(ev);
 	kvrt_index_reclaim(ev->idx);
 	if (ev->removed > 1024 && ev->removed > kvrt_index_count(ev->idx)) {
@@ -526,6 +749,30 @@ static void handle(struct kvrt_actor *a, struct kvrt_msg *m)
 	case _MSG_DETACH:
 		ev->disk = NULL;
 		break;
+	case _MSG_ATTACH_REMOTE:
+		ev->remote = m->arg.ptr[0];
+		break;
+	case _MSG_DETACH_REMOTE:
+		ev->remote = NULL;
+		break;
+	case KVRT_EVICT_REMOTE_FIND:
+		on_remote_find(ev, m->arg.ptr[0]);
+		break;
+	case KVRT_EVICT_REMOTE_BASE + KVRT_REMOTE_WRITTEN:
+	case KVRT_EVICT_REMOTE_BASE + KVRT_REMOTE_READ_DONE:
+	case KVRT_EVICT_REMOTE_BASE + KVRT_REMOTE_EXISTS_DONE:
+	case KVRT_EVICT_REMOTE_BASE + KVRT_REMOTE_REMOVED: {
+		struct kvrt_chunk_key key = {.lo = m->arg.u64[0], .hi = m->arg.u64[1]};
+		int st = (int)m->arg.i64[2];
+		if (m->type == KVRT_EVICT_REMOTE_BASE + KVRT_REMOTE_WRITTEN)
+			on_remote_written(ev, key, st);
+		else if (m->type == KVRT_EVICT_REMOTE_BASE + KVRT_REMOTE_READ_DONE)
+			on_remote_read_done(ev, key, st, (uint32_t)m->arg.u64[3], m->arg.u64[4], m->arg32);
+		else if (m->type == KVRT_EVICT_REMOTE_BASE + KVRT_REMOTE_EXISTS_DONE)
+			on_remote_exists_done(ev, (struct _rfind *)(uintptr_t)m->arg.u64[3], st,
+					      m->arg.u64[4]);
+		break;
+	}
 	case KVRT_EVICT_DISK_BASE + KVRT_DISK_WRITTEN:
 	case KVRT_EVICT_DISK_BASE + KVRT_DISK_READ_DONE:
 	case KVRT_EVICT_DISK_BASE + KVRT_DISK_REMOVED:
@@ -584,6 +831,13 @@ static const char *msg_name(uint32_t type)
 	case KVRT_EVICT_SYNC: return "sync";
 	case _MSG_REINDEX: return "reindex";
 	case _MSG_DETACH: return "detach";
+	case _MSG_ATTACH_REMOTE: return "attach_remote";
+	case _MSG_DETACH_REMOTE: return "detach_remote";
+	case KVRT_EVICT_REMOTE_FIND: return "remote_find";
+	case KVRT_EVICT_REMOTE_BASE + KVRT_REMOTE_WRITTEN: return "remote_written";
+	case KVRT_EVICT_REMOTE_BASE + KVRT_REMOTE_READ_DONE: return "remote_read_done";
+	case KVRT_EVICT_REMOTE_BASE + KVRT_REMOTE_EXISTS_DONE: return "remote_exists_done";
+	case KVRT_EVICT_REMOTE_BASE + KVRT_REMOTE_REMOVED: return "remote_removed";
 	case KVRT_EVICT_DISK_BASE + KVRT_DISK_WRITTEN: return "disk_written";
 	case KVRT_EVICT_DISK_BASE + KVRT_DISK_READ_DONE: return "disk_read_done";
 	case KVRT_EVICT_DISK_BASE + KVRT_DISK_REMOVED: return "disk_removed";
@@ -655,6 +909,10 @@ int kvrt_evict_create(struct kvrt_evict **out, const struct kvrt_evict_config *c
 	if (want_disk && !(ev->dir = strdup(cfg->disk_dir)))
 		goto err;
 	ev->cfg.disk_dir = ev->dir;
+	bool want_remote = cfg->remote_url && cfg->remote_url[0];
+	if (want_remote && !(ev->url = strdup(cfg->remote_url)))
+		goto err;
+	ev->cfg.remote_url = ev->url;
 	ev->skip = calloc(ev->slabs, sizeof(*ev->skip));
 	if (!ev->skip)
 		goto err;
@@ -693,8 +951,27 @@ int kvrt_evict_create(struct kvrt_evict **out, const struct kvrt_evict_config *c
 		if (rc)
 			goto err_disk;
 	}
+	if (want_remote) {
+		/* Owner thread (the tier's rule); completions go to the actor. */
+		rc = kvrt_remote_open(&ev->remote_owner,
+				      &(struct kvrt_remote_config){.url = ev->url,
+								   .timeout_ms = cfg->remote_timeout_ms,
+								   .ttl_s = cfg->remote_ttl_s,
+								   .max_pending_writes = cfg->remote_max_pending_writes,
+								   .namespace_hash = cfg->namespace_hash,
+								   .notify = ev->actor,
+								   .msg_base = KVRT_EVICT_REMOTE_BASE});
+		if (rc)
+			goto err_disk;
+		struct kvrt_msg m = {.type = _MSG_ATTACH_REMOTE};
+		m.arg.ptr[0] = ev->remote_owner;
+		if ((rc = call(ev, &m)))
+			goto err_remote;
+	}
 	*out = ev;
 	return 0;
+err_remote:
+	kvrt_remote_close(ev->remote_owner);
 err_disk:
 	kvrt_disk_close(ev->disk_owner);
 err_actor:
@@ -703,6 +980,7 @@ err:
 	kvrt_policy_destroy(ev->pol);
 	free(ev->skip);
 	free(ev->dir);
+	free(ev->url);
 	free(ev);
 	return rc;
 }
@@ -711,6 +989,14 @@ void kvrt_evict_destroy(struct kvrt_evict *ev)
 {
 	if (!ev)
 		return;
+	if (ev->remote_owner) {
+		struct kvrt_msg m = {.type = _MSG_DETACH_REMOTE};
+		if (call(ev, &m))
+			kvrt_error("evict: could not detach the remote tier before closing it");
+		/* The actor handles the completions close delivers (write-behinds
+		 * end, reads in flight give their slabs back). */
+		kvrt_remote_close(ev->remote_owner);
+	}
 	if (ev->disk_owner) {
 		struct kvrt_msg m = {.type = _MSG_DETACH};
 		if (call(ev, &m))
@@ -722,7 +1008,9 @@ void kvrt_evict_destroy(struct kvrt_evict *ev)
 	kvrt_policy_destroy(ev->pol);
 	free(ev->skip);
 	free(ev->lost);
+	free(ev->rl);
 	free(ev->dir);
+	free(ev->url);
 	free(ev);
 }
 
@@ -755,6 +1043,34 @@ int kvrt_evict_promote(struct kvrt_evict *ev, struct kvrt_chunk_key key, struct 
 	return kvrt_actor_post(ev->actor, &m, 0);
 }
 
+int kvrt_evict_remote_find(struct kvrt_evict *ev, const struct kvrt_chunk_key *keys, uint32_t n,
+			   uint32_t num_tokens, uint32_t last_tokens, struct kvrt_completion *c)
+{
+	if (!n || n > KVRT_REMOTE_EXISTS_MAX)
+		return -EINVAL;
+	if (!ev->remote_owner) {
+		kvrt_completion_signal(c, -ENOENT);
+		return 0;
+	}
+	struct _rfind *f = malloc(sizeof(*f) + n * sizeof(f->keys[0]));
+	if (!f)
+		return -ENOMEM;
+	*f = (struct _rfind){.c = c, .n = n, .num_tokens = num_tokens, .last_tokens = last_tokens};
+	memcpy(f->keys, keys, n * sizeof(*keys));
+	struct kvrt_msg m = {.type = KVRT_EVICT_REMOTE_FIND};
+	m.arg.ptr[0] = f;
+	if (!kvrt_actor_try_post(ev->actor, &m)) {
+		free(f);
+		return -EAGAIN;
+	}
+	return 0;
+}
+
+bool kvrt_evict_has_remote(const struct kvrt_evict *ev)
+{
+	return ev->remote_owner != NULL;
+}
+
 int kvrt_evict_run(struct kvrt_evict *ev)
 {
 	struct kvrt_msg m = {.type = KVRT_EVICT_RUN};
@@ -785,6 +1101,17 @@ void kvrt_evict_stats(struct kvrt_evict *ev, struct kvrt_evict_stats *out)
 	out->pins_expired = GET(ev, pins_expired);
 	out->cpu_entries = GET(ev, cpu_entries);
 	out->disk_entries = GET(ev, disk_entries);
+	out->remote_writes = GET(ev, remote_writes);
+	out->remote_write_dropped = GET(ev, remote_write_dropped);
+	out->remote_write_failed = GET(ev, remote_write_failed);
+	out->remote_finds = GET(ev, remote_finds);
+	out->remote_found = GET(ev, remote_found);
+	out->remote_find_missed = GET(ev, remote_find_missed);
+	out->remote_reads = GET(ev, remote_reads);
+	out->remote_hits = GET(ev, remote_hits);
+	out->remote_misses = GET(ev, remote_misses);
+	out->remote_errors = GET(ev, remote_errors);
+	out->remote_entries = GET(ev, remote_entries);
 	struct kvrt_pool_stats ps;
 	kvrt_pool_stats(ev->pool, &ps);
 	out->slabs = ps.slabs;

@@ -3,8 +3,10 @@
  * Owns: every write to the index (actors/index.h), the pool's free list and
  * the refill of its hand-off ring (actors/pool.h), the CPU tier's eviction
  * policy (actors/policy.h), and, when configured, the local disk tier
- * (actors/disk.h): it opens it in its start hook, demotes evicted chunks to
- * it and promotes chunks back from it.
+ * (actors/disk.h): it opens it at create (owner thread), demotes evicted chunks to
+ * it and promotes chunks back from it; and, when remote_url is set, the
+ * remote tier (actors/remote.h, Redis / Redis Cluster) shared by every
+ * engine pointed at it.
  *
  *   kvrt_index_create(&idx, ...); kvrt_pool_create(&pool, ...);
  *   kvrt_evict_create(&ev, &(struct kvrt_evict_config){ .index = idx, .pool = pool,
@@ -30,6 +32,21 @@
  * the mailbox is full (the caller then returns the slab with
  * kvrt_evict_return_slab later, or keeps it for the next chunk). A promote
  * with no free slab after an eviction pass fails with -ENOBUFS.
+ *
+ * Remote tier (remote_url set). Write-behind: every chunk admitted as new is
+ * written to Redis in the background (kvrt_remote_write straight from its
+ * slab; the entry is marked in flight, never evicted, until WRITTEN). The
+ * tier bounds the writes in flight (remote_max_pending_writes): a write it
+ * refuses (-EAGAIN full, -ENOTCONN down) is dropped and counted, nothing
+ * waits. Reads: kvrt_evict_remote_find asks Redis which leading chunks of a
+ * key list it holds (one pipelined EXISTS) and indexes them as tier REMOTE
+ * entries (no slab); kvrt_evict_promote of such an entry reads it into a
+ * fresh slab (verified by the tier: header, key, namespace, checksum) and
+ * makes it CPU-resident, exactly as for a disk chunk; a failed read makes it
+ * a miss (the promotion's waiters get the error: loads turn it into load
+ * errors). REMOTE entries nobody promoted are dropped when unpinned and
+ * older than 2 s (a later lookup asks Redis again). Chunks promoted from
+ * Redis are not written back.
  *
  * Threads: create/destroy on an owner thread; the posting functions from any
  * thread but the actor's own; stats from any thread.
@@ -60,6 +77,11 @@ struct kvrt_evict_config {
 	const char *disk_dir;          /* local_disk directory */
 	uint64_t disk_budget_bytes;    /* max_local_disk_size in bytes */
 	bool disk_odirect;             /* O_DIRECT for the disk tier */
+	/* Remote tier (optional: remote_url NULL or "" = none). */
+	const char *remote_url;        /* redis://... or redis-cluster://... (copied) */
+	uint32_t remote_timeout_ms;    /* per-request deadline; 0 = 1000 */
+	uint32_t remote_ttl_s;         /* expiry of written values; 0 = none */
+	uint32_t remote_max_pending_writes; /* write-behind queue bound; 0 = 16 */
 };
 
 struct kvrt_evict_stats {
@@ -78,6 +100,18 @@ struct kvrt_evict_stats {
 	uint64_t pins_expired;    /* pins released by the time-out */
 	uint64_t cpu_entries;     /* entries resident in the CPU tier */
 	uint64_t disk_entries;    /* entries in the disk tier only */
+	uint64_t remote_writes;   /* write-behinds stored in Redis */
+	uint64_t remote_write_dropped; /* write-behinds refused (queue full, server down) */
+	uint64_t remote_write_failed;  /* write-behinds that failed in flight */
+	uint64_t remote_finds;    /* find batches answered by Redis */
+	uint64_t remote_found;    /* chunks indexed from Redis (tier REMOTE) */
+	uint64_t remote_find_missed; /* find batches whose first key Redis lacked */
+	uint64_t remote_reads;    /* reads from Redis started (promotions) */
+	uint64_t remote_hits;     /* reads that brought a chunk into the CPU tier */
+	uint64_t remote_misses;   /* reads of chunks no longer in Redis */
+	uint64_t remote_errors;   /* reads / finds that failed otherwise (corrupt,
+				   * timeout, connection) */
+	uint64_t remote_entries;  /* REMOTE entries indexed now */
 	uint32_t slabs;           /* pool slabs */
 	uint32_t slabs_free;      /* on the free list or in the ring */
 };
@@ -89,7 +123,9 @@ enum kvrt_evict_msg {
 	KVRT_EVICT_PROMOTE,     /* read a DISK chunk into a slab; reply when CPU */
 	KVRT_EVICT_RUN,         /* run an eviction pass now; reply when done */
 	KVRT_EVICT_SYNC,        /* reply once everything posted before is handled */
+	KVRT_EVICT_REMOTE_FIND, /* EXISTS a key list in Redis; index what it holds */
 	KVRT_EVICT_DISK_BASE = 64, /* + enum kvrt_disk_event (disk completions) */
+	KVRT_EVICT_REMOTE_BASE = 80, /* + enum kvrt_remote_event (remote completions) */
 };
 
 /* Start the actor (opens the disk tier, re-indexing what it holds, before
@@ -116,6 +152,18 @@ int kvrt_evict_return_slabs(struct kvrt_evict *ev, const uint32_t *slabs, uint32
  * hold a pin on it (kvrt_index_lookup), or it may be evicted again right
  * after. Returns the post's error (0, -EAGAIN, -ESHUTDOWN). Any thread. */
 int kvrt_evict_promote(struct kvrt_evict *ev, struct kvrt_chunk_key key, struct kvrt_completion *c);
+/* Ask Redis which leading chunks of keys[0..n) it holds (n <= 4096; keys
+ * copied) and index those not indexed yet as tier REMOTE entries of
+ * num_tokens tokens each (the last one of last_tokens when last_tokens != 0:
+ * a tail). c (caller-owned, initialised, alive until signalled) is
+ * signalled with status 0 and value[0] = the leading chunks Redis holds
+ * (each now indexed: pin them with kvrt_index_lookup), or -ENOENT (no
+ * remote tier), or the tier's error (a miss). Returns the post's error
+ * (0, -EAGAIN, -ESHUTDOWN). Any thread. */
+int kvrt_evict_remote_find(struct kvrt_evict *ev, const struct kvrt_chunk_key *keys, uint32_t n,
+			   uint32_t num_tokens, uint32_t last_tokens, struct kvrt_completion *c);
+/* Whether a remote tier is configured. */
+bool kvrt_evict_has_remote(const struct kvrt_evict *ev);
 /* Run an eviction pass and wait for it (tests, after releasing pins). */
 int kvrt_evict_run(struct kvrt_evict *ev);
 /* Wait until everything posted before (by this thread) is handled. */

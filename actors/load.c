@@ -8,7 +8,8 @@
  * A step (LOAD_STEP, posted by kvrt_engine_start_load): for each request
  * with a sync load, recompute its chunk keys from its tokens (and check them
  * against the scheduler's, when given), pin the chunks under the step's
- * owner, promote any that are not in the CPU tier and wait for them, then
+ * owner, promote any that are not in the CPU tier (disk or remote: the evict
+ * actor reads them into slabs) and wait for them, then
  * add its tokens to the plan. A request whose chunk is missing, fails to
  * promote or fails its checksum keeps the chunks before it; its blocks from
  * the first failed token on are reported as load errors and nothing is

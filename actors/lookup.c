@@ -10,6 +10,17 @@
  * replaces the request's pins with pins on every chunk found, and promotes
  * the ones found on disk so that an async load finds them in the CPU tier.
  *
+ * Remote tier: chunks another engine wrote to Redis are not in the local
+ * index. On a local miss at chunk i (with remote_url set) the actor asks
+ * the evict actor to EXISTS keys i.. in Redis (one pipelined round trip) and
+ * waits for the answer a bounded time (remote_lookup_wait_ms, 5 ms by
+ * default, never more than remote_timeout_ms); the chunks Redis holds are
+ * then indexed as tier REMOTE, pinned like any hit, reported as loadable
+ * after prefetch (tokens, not tokens_now) and promoted like disk chunks (a
+ * read into a fresh slab). An answer that comes late still indexes them: a
+ * later lookup of the request finds them. A dead server answers at once
+ * (-ENOTCONN): a miss.
+ *
  * Threads: the handler and the timer run on the actor's thread; create,
  * destroy and free on the engine's owner thread; _kvrt_lookup_call on any
  * thread but the actor's.
@@ -20,6 +31,7 @@
 #include <string.h>
 
 #include "actors/pipeline.h"
+#include "actors/remote.h"
 #include "runtime/actor.h"
 #include "runtime/log.h"
 
@@ -98,6 +110,49 @@ static int ensure(struct kvrt_lookup *l, size_t n)
 	return 0;
 }
 
+static void track(struct kvrt_lookup *l, struct _prefetch *p)
+{
+	p->next = l->pf;
+	l->pf = p;
+	if (!ev_is_active(&l->tick))
+		ev_timer_start(kvrt_actor_loop(l->actor), &l->tick);
+}
+
+/* Chunks [found, total) are not indexed: ask Redis, index what it holds
+ * (tier REMOTE) and pin it. Returns the chunks found after `found`. */
+static size_t remote_find(struct kvrt_lookup *l, struct _lookup_args *a, size_t found, uint32_t total,
+			  uint32_t tail)
+{
+	struct kvrt_engine *e = l->e;
+	uint32_t n = total - (uint32_t)found;
+	if (n > KVRT_REMOTE_EXISTS_MAX)
+		n = KVRT_REMOTE_EXISTS_MAX;
+	bool has_tail = tail && found + n == total;
+	/* The completion lives on the heap: a wait that times out leaves it
+	 * to the evict actor, and reap frees it once signalled. */
+	struct _prefetch *p = malloc(sizeof(*p) + sizeof(p->c[0]));
+	if (!p)
+		return 0;
+	p->n = 1;
+	kvrt_completion_init(&p->c[0]);
+	if (kvrt_evict_remote_find(e->ev, l->keys + found, n, e->cs, has_tail ? tail : 0, &p->c[0])) {
+		free(p);
+		return 0;
+	}
+	track(l, p);
+	_KVRT_STAT_ADD(e, st_remote_finds, 1);
+	if (kvrt_completion_wait(&p->c[0], e->remote_wait_ns) || p->c[0].status || !p->c[0].value[0]) {
+		if (!kvrt_completion_done(&p->c[0]))
+			_KVRT_STAT_ADD(e, st_remote_find_late, 1);
+		return 0;
+	}
+	uint32_t k = (uint32_t)p->c[0].value[0];
+	if (k > n)
+		k = n;
+	return kvrt_index_lookup(l->r, l->keys + found, k, a->req, KVRT_INDEX_PIN | KVRT_INDEX_TOUCH,
+				 l->hits + found);
+}
+
 static int do_lookup(struct kvrt_lookup *l, struct _lookup_args *a)
 {
 	struct kvrt_engine *e = l->e;
@@ -115,6 +170,11 @@ static int do_lookup(struct kvrt_lookup *l, struct _lookup_args *a)
 	if (found == nfull && tail && kvrt_index_lookup(l->r, l->keys + nfull, 1, a->req, fl, l->hits + nfull)) {
 		found++;
 		tokens += tail;
+	}
+	uint32_t total = nfull + (tail != 0);
+	if (found < total && e->remote_wait_ns) {
+		found += remote_find(l, a, found, total, tail);
+		tokens = (uint32_t)(found > nfull ? nfull * cs + tail : found * cs);
 	}
 	uint32_t now = 0, nprefetch = 0;
 	while (now < found && l->hits[now].tier == KVRT_TIER_CPU)
@@ -138,10 +198,7 @@ static int do_lookup(struct kvrt_lookup *l, struct _lookup_args *a)
 					p->n++;
 			}
 			_KVRT_STAT_ADD(e, st_prefetches, p->n);
-			p->next = l->pf;
-			l->pf = p;
-			if (!ev_is_active(&l->tick))
-				ev_timer_start(kvrt_actor_loop(l->actor), &l->tick);
+			track(l, p);
 		}
 	}
 	_KVRT_STAT_ADD(e, st_lookups, 1);

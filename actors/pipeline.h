@@ -103,6 +103,9 @@ struct _kvrt_step {
 struct kvrt_engine {
 	struct kvrt_engine_config cfg; /* copy; disk_dir points into disk_dir */
 	char *disk_dir;                /* copy of cfg.disk_dir */
+	char *remote_url;              /* copy of cfg.remote_url */
+	uint64_t remote_wait_ns;       /* a lookup's wait for Redis (0: no remote tier
+					* or not registered yet: set by register) */
 	uint32_t cs;                   /* chunk_size */
 	struct kvrt_device *dev;       /* the device */
 	struct kvrt_index *idx;        /* the index */
@@ -150,6 +153,7 @@ struct kvrt_engine {
 	_Atomic uint64_t st_load_error_blocks, st_async_done, st_save_chunks, st_save_dup;
 	_Atomic uint64_t st_save_skipped_pool, st_save_skipped_mailbox, st_save_abandoned;
 	_Atomic uint64_t st_checksum_failures;
+	_Atomic uint64_t st_remote_finds, st_remote_find_late;
 };
 
 /* req -> gen of the last step that saved for it (worker thread). */

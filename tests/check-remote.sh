@@ -12,6 +12,10 @@
 #                past the timeout (the program spawns its own server)
 #   cluster      routing over every master, ASK and MOVED after migrating a
 #                slot, a master going away (last: it breaks the cluster)
+#   engines      build/*/tests/remote_engine: two engines in two processes
+#                through the standalone server (write-behind, lookup
+#                prefetch, async load, bitwise check), a dead server, and
+#                corrupted values (a miss or load errors, never wrong bytes)
 # Every server started here (or by remote_test, through its pid file) is
 # stopped on every exit path. Exit 0 pass, 1 fail, 77 skip (no redis-server).
 set -u
@@ -137,6 +141,33 @@ for bin in $progs; do
 	timeout 30 "$bin" get "redis://$seeds" 43 48 || bad "$v cluster get"
 	echo "== $v cluster"
 	KVRT_TEST_REDIS_CLUSTER=$seeds timeout 60 "$bin" cluster || bad "$v cluster"
+done
+
+# --- engines -----------------------------------------------------------------------
+# Two engines in two processes through the standalone server
+# (tests/remote_engine.c): write-behind, then a lookup + async load in a new
+# process with an empty cache, bitwise equal; a dead server (quick misses);
+# corrupted values (a miss or load errors, never wrong bytes).
+for bin in $progs; do
+	v=$(basename "$(dirname "$(dirname "$bin")")")
+	eng=$(dirname "$bin")/remote_engine
+	if [ ! -x "$eng" ]; then bad "$eng not built (ninja build/$v/remote-tools)"; continue; fi
+	url=redis://127.0.0.1:$p1
+	"$cli" -p "$p1" flushall >/dev/null 2>&1
+	echo "== $v engines: write, then read in another process"
+	timeout 30 "$eng" write "$url" 7 || bad "$v engine write"
+	timeout 30 "$eng" read "$url" 7 hit || bad "$v engine read"
+	echo "== $v engines: dead server"
+	timeout 30 "$eng" read "redis://127.0.0.1:$(pick_port)" 7 safe || bad "$v engine dead server"
+	echo "== $v engines: corrupted values"
+	k1=$("$eng" key "$url" 7 1) && "$cli" -p "$p1" set "$k1" garbage >/dev/null 2>&1 \
+		|| bad "$v cannot corrupt chunk 1"
+	timeout 30 "$eng" read "$url" 7 safe || bad "$v engine read, chunk 1 corrupt"
+	timeout 30 "$eng" write "$url" 8 || bad "$v engine write (seed 8)"
+	k0=$("$eng" key "$url" 8 0) && "$cli" -p "$p1" set "$k0" "$(head -c 300 /dev/urandom | base64 -w0)" \
+		>/dev/null 2>&1 || bad "$v cannot corrupt chunk 0"
+	timeout 30 "$eng" read "$url" 8 safe || bad "$v engine read, chunk 0 corrupt"
+	"$cli" -p "$p1" flushall >/dev/null 2>&1
 done
 
 [ $fail -eq 0 ] && echo "check-remote: ok"

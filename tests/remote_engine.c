@@ -1,0 +1,337 @@
+/* tests/remote_engine.c: two engines (two processes) share chunks through
+ * the remote tier (actors/remote.h wired into actors/evict.c, lookup.c).
+ * A plain program (it needs a real redis-server), run by
+ * tests/check-remote.sh:
+ *
+ *   remote_engine write URL SEED   an engine with remote_url saves a
+ *       prompt's KV (full chunks and a tail) through the engine's save path,
+ *       flushes, and waits until every chunk's write-behind is stored
+ *   remote_engine read URL SEED hit    a new engine, empty local cache:
+ *       the lookup finds the whole prompt as "loadable after prefetch", an
+ *       async load brings it into freshly poisoned vLLM blocks (other blocks
+ *       than the writer's), and the bytes equal the writer's, bitwise
+ *   remote_engine read URL SEED safe   the same, but a miss or a load error
+ *       is accepted (a corrupted value in Redis, a dead server): whatever is
+ *       reported loaded must be exact, nothing else may change, and nothing
+ *       may hang (the lookup answers within 250 ms)
+ *   remote_engine key URL SEED I   print chunk I's Redis key (for redis-cli)
+ *
+ * Both processes derive the tokens and the KV from SEED. Exit 0 pass, 1 fail.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "actors/engine.h"
+#include "actors/key.h"
+#include "actors/remote.h"
+#include "runtime/log.h"
+#include "tests/test_kern_util.h"
+
+#define CS 16u                 /* tokens per chunk */
+#define NFULL 3u               /* full chunks */
+#define TAIL 5u                /* tokens of the tail chunk */
+#define T (NFULL * CS + TAIL)  /* prompt tokens */
+#define NCHUNKS (NFULL + 1u)
+#define REQ 0x1234u
+
+static int _fails;
+#define CHECK(cond, ...)                                                                \
+	do {                                                                            \
+		if (!(cond)) {                                                          \
+			fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+			fprintf(stderr, __VA_ARGS__);                                   \
+			fprintf(stderr, "\n");                                          \
+			_fails++;                                                       \
+		}                                                                       \
+	} while (0)
+
+static const struct kt_spec SPEC = {.layout = KVRT_KV_FLASH_ATTN, .order = KT_NHD, .layers = 3,
+				    .nb = 64, .bs = 8, .heads = 2, .hs = 32, .elem = 2};
+
+struct rig {
+	struct kt_model m;
+	struct kvrt_engine *e;
+	uint64_t seed;
+	uint64_t ns;           /* engine namespace (Redis keys) */
+	uint64_t req_ns;       /* request key namespace */
+	uint32_t tok[T];
+	int32_t blk[(T + 7) / 8];
+	uint32_t nblk;
+};
+
+static uint64_t mix64(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ull;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+	return x ^ (x >> 31);
+}
+
+/* The KV of (token t, layer l, kv, head h): hb bytes from the seed. */
+static void pattern(uint64_t seed, uint32_t t, uint32_t l, uint32_t kv, uint32_t h, unsigned char *out,
+		    size_t n)
+{
+	uint64_t s = mix64(seed ^ ((uint64_t)t << 32 | (uint64_t)l << 16 | kv << 8 | h));
+	kt_fill(out, n, &s);
+}
+
+static int64_t slot_of(const struct rig *g, uint32_t t)
+{
+	return (int64_t)g->blk[t / SPEC.bs] * SPEC.bs + t % SPEC.bs;
+}
+
+static size_t head_bytes(void)
+{
+	return (size_t)SPEC.hs * SPEC.elem;
+}
+
+static int rig_up(struct rig *g, const char *url, uint64_t seed, bool writer)
+{
+	memset(g, 0, sizeof(*g));
+	setenv("KVRT_DEVICE", "host", 1);
+	g->seed = seed;
+	g->ns = 0x7e57000000000000ull ^ seed;
+	g->req_ns = mix64(seed ^ 0xabcdef);
+	for (uint32_t t = 0; t < T; t++)
+		g->tok[t] = (uint32_t)(mix64(seed * 1000003u + t) % 150000);
+	g->nblk = (T + SPEC.bs - 1) / SPEC.bs;
+	/* Writer and reader place the prompt in different blocks. */
+	for (uint32_t i = 0; i < g->nblk; i++)
+		g->blk[i] = writer ? (int32_t)(2 * i + 1) : (int32_t)(SPEC.nb - 1 - 3 * i);
+	kt_model_init(&g->m, &SPEC);
+	uint64_t rng = mix64(seed ^ (writer ? 1 : 2)) | 1;
+	for (uint32_t i = 0; i < g->m.ntensors; i++) {
+		g->m.base[i] = malloc(g->m.bytes);
+		if (!g->m.base[i])
+			return -ENOMEM;
+		kt_fill(g->m.base[i], g->m.bytes, &rng);
+	}
+	kt_model_bind(&g->m);
+	struct kvrt_engine_config cfg = {.chunk_size = CS, .cpu_bytes = 4u << 20, .namespace_hash = g->ns,
+					 .save_unfull_chunk = true, .verify_checksums = true,
+					 .remote_url = url, .remote_timeout_ms = 300};
+	int rc = kvrt_engine_create(&g->e, &cfg);
+	if (rc)
+		return rc;
+	return kvrt_engine_register(g->e, g->m.t, g->m.ntensors, NULL);
+}
+
+static void rig_down(struct rig *g)
+{
+	kvrt_engine_destroy(g->e);
+	for (uint32_t i = 0; i < g->m.ntensors; i++)
+		free(g->m.base[i]);
+	kt_model_fini(&g->m);
+}
+
+static struct kvrt_plan_req plan_of(const struct rig *g)
+{
+	return (struct kvrt_plan_req){.req_id = REQ, .ns_hash = g->req_ns, .tokens = g->tok,
+				      .num_tokens = T, .prompt_tokens = T, .block_ids = g->blk,
+				      .num_blocks = g->nblk};
+}
+
+static int step(struct rig *g, struct kvrt_plan_req *r)
+{
+	struct kvrt_step_plan p = {.reqs = r, .num_reqs = 1};
+	int rc = kvrt_engine_bind_step(g->e, &p);
+	if (!rc)
+		rc = kvrt_engine_start_load(g->e);
+	for (uint32_t l = 0; !rc && l < SPEC.layers; l++) {
+		rc = kvrt_engine_wait_layer(g->e, l);
+		if (!rc)
+			rc = kvrt_engine_save_layer(g->e, l);
+	}
+	if (!rc)
+		rc = kvrt_engine_wait_save(g->e);
+	return rc;
+}
+
+static uint64_t ms_now(void)
+{
+	return kvrt_now_ns() / 1000000u;
+}
+
+static void sleep_ms(unsigned ms)
+{
+	struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+	nanosleep(&ts, NULL);
+}
+
+static int do_write(const char *url, uint64_t seed)
+{
+	struct rig g;
+	int rc = rig_up(&g, url, seed, true);
+	if (rc) {
+		fprintf(stderr, "FAIL: engine with %s: %d\n", url, rc);
+		return 1;
+	}
+	size_t hb = head_bytes();
+	for (uint32_t t = 0; t < T; t++)
+		for (uint32_t l = 0; l < SPEC.layers; l++)
+			for (uint32_t kv = 0; kv < 2; kv++)
+				for (uint32_t h = 0; h < SPEC.heads; h++)
+					pattern(seed, t, l, kv, h, kt_at(&g.m, l, kv, slot_of(&g, t), h), hb);
+	struct kvrt_plan_req r = plan_of(&g);
+	r.save_start = 0;
+	r.save_end = T;
+	CHECK(step(&g, &r) == 0, "save step");
+	CHECK(kvrt_engine_flush(g.e) == 0, "flush");
+	struct kvrt_engine_stats st;
+	uint64_t t0 = ms_now();
+	do {
+		kvrt_engine_stats(g.e, &st);
+		if (st.remote_writes + st.remote_dropped >= NCHUNKS)
+			break;
+		sleep_ms(2);
+	} while (ms_now() - t0 < 10000);
+	printf("write %s: saved %" PRIu64 " chunks, remote writes %" PRIu64 ", dropped %" PRIu64 "\n", url,
+	       st.save_chunks, st.remote_writes, st.remote_dropped);
+	CHECK(st.save_chunks == NCHUNKS, "%" PRIu64 " chunks saved, want %u", st.save_chunks, NCHUNKS);
+	CHECK(st.remote_writes == NCHUNKS, "%" PRIu64 " chunks written to Redis, want %u", st.remote_writes,
+	      NCHUNKS);
+	CHECK(st.remote_dropped == 0, "%" PRIu64 " write-behinds dropped", st.remote_dropped);
+	rig_down(&g);
+	return _fails ? 1 : 0;
+}
+
+/* safe: a miss or load errors are fine, wrong bytes never are. */
+static int do_read(const char *url, uint64_t seed, bool safe)
+{
+	struct rig g;
+	int rc = rig_up(&g, url, seed, false);
+	if (rc) {
+		fprintf(stderr, "FAIL: engine with %s: %d\n", url, rc);
+		return 1;
+	}
+	/* The tensors are random (poison); keep their image. */
+	unsigned char **img = calloc(g.m.ntensors, sizeof(*img));
+	for (uint32_t i = 0; i < g.m.ntensors; i++) {
+		img[i] = malloc(g.m.bytes);
+		memcpy(img[i], g.m.base[i], g.m.bytes);
+	}
+	struct kvrt_lookup_result res;
+	uint64_t t0 = ms_now();
+	rc = kvrt_engine_lookup(g.e, REQ, g.req_ns, g.tok, T, &res);
+	uint64_t lookup_ms = ms_now() - t0;
+	CHECK(rc == 0, "lookup: %d", rc);
+	CHECK(lookup_ms < 250, "lookup took %" PRIu64 " ms", lookup_ms);
+	printf("read %s: lookup %u tokens (%u now) in %" PRIu64 " ms\n", url, res.tokens, res.tokens_now,
+	       lookup_ms);
+	if (!safe) {
+		CHECK(res.tokens == T, "lookup found %u tokens of %u", res.tokens, T);
+		CHECK(res.tokens_now == 0, "%u tokens reported in the CPU tier of an empty cache",
+		      res.tokens_now);
+	}
+	uint32_t loaded = 0; /* tokens claimed loaded */
+	int64_t errs[64];
+	size_t nerr = 0;
+	if (res.tokens) {
+		struct kvrt_plan_req r = plan_of(&g);
+		r.flags = KVRT_PLAN_ASYNC_LOAD;
+		r.load_start = 0;
+		r.load_end = res.tokens;
+		r.load_hit = res.tokens;
+		CHECK(step(&g, &r) == 0, "load step");
+		uint64_t recv[4], failed[4];
+		struct kvrt_finished fin = {.recving = recv, .recving_cap = 4, .failed = failed, .failed_cap = 4};
+		bool done = false, bad = false;
+		t0 = ms_now();
+		while (!done && ms_now() - t0 < 10000) {
+			kvrt_engine_get_finished(g.e, NULL, 0, &fin);
+			for (uint32_t i = 0; i < fin.num_recving; i++)
+				done |= recv[i] == REQ;
+			for (uint32_t i = 0; i < fin.num_failed; i++)
+				bad |= failed[i] == REQ;
+			if (!done)
+				sleep_ms(1);
+		}
+		CHECK(done, "the async load did not finish in 10 s");
+		nerr = kvrt_engine_load_errors(g.e, errs, 64);
+		if (!safe) {
+			CHECK(!bad, "the async load failed");
+			CHECK(nerr == 0, "%zu load-error blocks", nerr);
+		}
+		loaded = res.tokens;
+		printf("read: async load %s, %zu error blocks\n", bad ? "failed" : "done", nerr);
+	}
+	CHECK(kvrt_engine_flush(g.e) == 0, "flush");
+	struct kvrt_engine_stats st;
+	kvrt_engine_stats(g.e, &st);
+	printf("read: remote finds %" PRIu64 " (late %" PRIu64 "), reads %" PRIu64 ", hits %" PRIu64
+	       ", misses %" PRIu64 ", errors %" PRIu64 "\n",
+	       st.remote_finds, st.remote_find_late, st.remote_reads, st.remote_hits, st.remote_misses,
+	       st.remote_errors);
+	if (!safe)
+		CHECK(st.remote_hits == NCHUNKS, "%" PRIu64 " chunks read from Redis, want %u", st.remote_hits,
+		      NCHUNKS);
+	/* Expected image: the poison, with every loaded token not in an error
+	 * block holding the writer's KV. Error blocks are vLLM's to recompute:
+	 * whatever they hold is not claimed, so copy them as they are. */
+	size_t hb = head_bytes();
+	unsigned char *want = malloc(hb);
+	size_t exact = 0;
+	for (uint32_t t = 0; t < loaded; t++) {
+		int32_t b = g.blk[t / SPEC.bs];
+		bool err = false;
+		for (size_t i = 0; i < nerr; i++)
+			err |= errs[i] == b;
+		for (uint32_t l = 0; l < SPEC.layers; l++)
+			for (uint32_t kv = 0; kv < 2; kv++)
+				for (uint32_t h = 0; h < SPEC.heads; h++) {
+					unsigned char *p = kt_at(&g.m, l, kv, slot_of(&g, t), h);
+					unsigned char *q = img[l] + (p - g.m.base[l]);
+					if (err) {
+						memcpy(q, p, hb);
+						continue;
+					}
+					pattern(seed, t, l, kv, h, want, hb);
+					memcpy(q, want, hb);
+					exact++;
+				}
+	}
+	for (uint32_t i = 0; i < g.m.ntensors; i++) {
+		size_t k = 0;
+		while (k < g.m.bytes && img[i][k] == g.m.base[i][k])
+			k++;
+		CHECK(k == g.m.bytes, "layer %u differs from the expected image at byte %zu", i, k);
+	}
+	printf("read: %zu heads exact, %zu error blocks, rest untouched\n", exact, nerr);
+	free(want);
+	for (uint32_t i = 0; i < g.m.ntensors; i++)
+		free(img[i]);
+	free(img);
+	rig_down(&g);
+	return _fails ? 1 : 0;
+}
+
+static int do_key(uint64_t seed, uint32_t idx)
+{
+	uint64_t ns = 0x7e57000000000000ull ^ seed, req_ns = mix64(seed ^ 0xabcdef);
+	uint32_t tok[T];
+	for (uint32_t t = 0; t < T; t++)
+		tok[t] = (uint32_t)(mix64(seed * 1000003u + t) % 150000);
+	struct kvrt_chunk_key k = kvrt_key_root();
+	for (uint32_t i = 0; i <= idx && i < NCHUNKS; i++)
+		k = kvrt_key_chunk(req_ns, k, tok + (size_t)i * CS, i < NFULL ? CS : TAIL);
+	char name[KVRT_REMOTE_KEY_BUF];
+	kvrt_remote_key_name(ns, k, name);
+	printf("%s\n", name);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc >= 4 && !strcmp(argv[1], "write"))
+		return do_write(argv[2], strtoull(argv[3], NULL, 0));
+	if (argc >= 5 && !strcmp(argv[1], "read"))
+		return do_read(argv[2], strtoull(argv[3], NULL, 0), !strcmp(argv[4], "safe"));
+	if (argc >= 5 && !strcmp(argv[1], "key"))
+		return do_key(strtoull(argv[3], NULL, 0), (uint32_t)strtoul(argv[4], NULL, 0));
+	fprintf(stderr, "usage: remote_engine write URL SEED | read URL SEED hit|safe | key URL SEED I\n");
+	return 2;
+}
