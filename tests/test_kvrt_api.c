@@ -1,0 +1,235 @@
+/* tests/test_kvrt_api.c: connector/kvrt.h end to end on host tensors: a
+ * scheduler and a worker of one instance save a request's KV, a second
+ * request with the same tokens hits, loads it into other blocks byte for
+ * byte; another cache_salt misses; a corrupted chunk becomes load errors;
+ * no pins remain. Plus the error paths a user can hit. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "connector/kvrt.h"
+#include "tests/test_util.h"
+
+#define NB 32u  /* blocks */
+#define BS 16u  /* tokens per block (= chunk size) */
+#define H 2u    /* heads */
+#define D 8u    /* head size */
+#define T 40u   /* prompt tokens */
+
+struct rig {
+	float *kv[2];             /* two layers, (B, H, N, 2D) contiguous */
+	struct kvrt_tensor t[2];
+	struct kvrt_worker *w;
+	struct kvrt_sched *s;
+};
+
+static const char *K[] = {"chunk_size", "max_local_cpu_size", "device"};
+static const char *V[] = {"16", "0.01", "host"};
+
+static struct kvrt_options opts(const char *inst)
+{
+	return (struct kvrt_options){.instance = inst, .model_id = "tiny", .dtype = "float32",
+				     .block_size = BS, .keys = K, .values = V, .num_keys = 3};
+}
+
+static void rig_up(struct rig *g, const char *inst)
+{
+	char err[256];
+	struct kvrt_options o = opts(inst);
+	uint64_t rng = 0x1234;
+	for (int l = 0; l < 2; l++) {
+		size_t n = (size_t)NB * H * BS * 2 * D;
+		g->kv[l] = malloc(n * sizeof(float));
+		for (size_t i = 0; i < n; i++)
+			g->kv[l][i] = (float)(kvrt_test_rand(&rng) % 100000) + 1.0f;
+		g->t[l] = (struct kvrt_tensor){.data = g->kv[l], .layout = KVRT_LAYOUT_BHNC, .elem_size = 4,
+					       .ndim = 4, .shape = {NB, H, BS, 2 * D},
+					       .stride = {H * BS * 2 * D, BS * 2 * D, 2 * D, 1}};
+	}
+	cr_assert_eq(kvrt_sched_create(&g->s, &o, err, sizeof err), 0, "%s", err);
+	cr_assert_eq(kvrt_worker_create(&g->w, &o, err, sizeof err), 0, "%s", err);
+	cr_assert_eq(kvrt_worker_register(g->w, g->t, 2), 0);
+}
+
+static void rig_down(struct rig *g)
+{
+	kvrt_sched_destroy(g->s);
+	kvrt_worker_destroy(g->w);
+	free(g->kv[0]);
+	free(g->kv[1]);
+}
+
+static float *slot(struct rig *g, int l, uint32_t blk, uint32_t h, uint32_t tok)
+{
+	return g->kv[l] + (((size_t)blk * H + h) * BS + tok) * 2 * D;
+}
+
+/* One worker step over metadata bytes. */
+static void step(struct rig *g, const void *m, size_t len)
+{
+	cr_assert_eq(kvrt_worker_bind(g->w, m, len), 0);
+	cr_assert_eq(kvrt_worker_start_load(g->w), 0);
+	for (uint32_t l = 0; l < 2; l++) {
+		cr_assert_eq(kvrt_worker_wait_layer(g->w, l), 0);
+		cr_assert_eq(kvrt_worker_save_layer(g->w, l), 0);
+	}
+	cr_assert_eq(kvrt_worker_wait_save(g->w), 0);
+}
+
+static struct kvrt_request req(const char *id, const uint32_t *tok, const char *salt)
+{
+	return (struct kvrt_request){.id = id, .id_len = (uint32_t)strlen(id), .tokens = tok,
+				     .num_tokens = T, .total_tokens = T, .prompt_tokens = T,
+				     .cache_salt = {salt, salt ? strlen(salt) : 0}};
+}
+
+/* Save request A (blocks 1..3), then request B's lookup. */
+static void save_a(struct rig *g, const uint32_t *tok, const int32_t *ablk)
+{
+	struct kvrt_request a = req("A", tok, NULL);
+	uint32_t n;
+	bool as;
+	cr_assert_eq(kvrt_sched_lookup(g->s, &a, 0, &n, &as), 0);
+	cr_assert_eq(n, 0u);
+	cr_assert_eq(kvrt_sched_after_alloc(g->s, &a, ablk, 3, 0, 0), 0);
+	cr_assert_eq(kvrt_sched_save_need(g->s, "A", 1, T, T), 32u);
+	struct kvrt_sched_req sr = {.req = a, .num_computed = T, .block_ids = ablk, .num_blocks = 3};
+	const void *m;
+	size_t len;
+	cr_assert_eq(kvrt_sched_build_meta(g->s, &(struct kvrt_sched_step){&sr, 1, NULL, 0}, &m, &len), 0);
+	step(g, m, len);
+	bool delay;
+	cr_assert_eq(kvrt_sched_finished(g->s, "A", 1, &delay), 0);
+	cr_assert(delay, "A saved in its last step: blocks are kept");
+	cr_assert_eq(kvrt_sched_build_meta(g->s, &(struct kvrt_sched_step){0}, &m, &len), 0);
+	step(g, m, len);
+	cr_assert_eq(kvrt_worker_flush(g->w), 0);
+	uint8_t buf[256];
+	uint32_t ns, nr, nf;
+	cr_assert_eq(kvrt_worker_get_finished(g->w, buf, sizeof buf, &ns, &nr, &nf), 0);
+	cr_assert_eq(ns, 1u);
+	cr_assert(buf[0] == 1 && buf[1] == 0 && buf[2] == 'A');
+}
+
+Test(kvrt_api, hit_loads_same_bytes_salt_misses_no_pins)
+{
+	struct rig g;
+	rig_up(&g, "t-hit");
+	uint32_t tok[T];
+	for (uint32_t i = 0; i < T; i++)
+		tok[i] = 1000 + i * 7;
+	int32_t ablk[3] = {1, 2, 3}, bblk[3] = {7, 8, 9};
+	save_a(&g, tok, ablk);
+	struct kvrt_request b = req("B", tok, NULL), c = req("C", tok, "other");
+	uint32_t n;
+	bool as;
+	cr_assert_eq(kvrt_sched_lookup(g.s, &c, 0, &n, &as), 0);
+	cr_assert_eq(n, 0u, "another cache_salt must miss");
+	cr_assert_eq(kvrt_sched_lookup(g.s, &b, 0, &n, &as), 0);
+	cr_assert_eq(kvrt_sched_lookup(g.s, &b, 0, &n, &as), 0); /* idempotent */
+	cr_assert_eq(n, 32u);
+	cr_assert(!as);
+	/* Poison B's blocks, then load. */
+	for (int l = 0; l < 2; l++)
+		for (int k = 0; k < 2; k++)
+			for (uint32_t i = 0; i < H * BS * 2 * D; i++)
+				slot(&g, l, (uint32_t)bblk[k], 0, 0)[i] = -7.0f;
+	cr_assert_eq(kvrt_sched_after_alloc(g.s, &b, bblk, 3, 0, 32), 0);
+	const void *m;
+	size_t len;
+	cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){0}, &m, &len), 0);
+	step(&g, m, len);
+	int64_t errs[8];
+	cr_assert_eq(kvrt_worker_load_errors(g.w, errs, 8), 0u);
+	for (int l = 0; l < 2; l++)
+		for (uint32_t t = 0; t < 32; t++)
+			for (uint32_t h = 0; h < H; h++)
+				cr_assert_eq(memcmp(slot(&g, l, (uint32_t)bblk[t / BS], h, t % BS),
+						    slot(&g, l, (uint32_t)ablk[t / BS], h, t % BS), 2 * D * 4), 0,
+					     "layer %d token %u head %u differs", l, t, h);
+	bool delay;
+	cr_assert_eq(kvrt_sched_finished(g.s, "B", 1, &delay), 0);
+	cr_assert_eq(kvrt_sched_finished(g.s, "C", 1, &delay), 0);
+	cr_assert_eq(kvrt_worker_flush(g.w), 0);
+	struct kvrt_stats st;
+	kvrt_worker_stats(g.w, &st);
+	cr_assert_eq(st.pinned, 0u);
+	cr_assert_eq(st.load_chunks, 2u);
+	rig_down(&g);
+}
+
+Test(kvrt_api, corrupt_chunk_is_a_load_error)
+{
+	struct rig g;
+	rig_up(&g, "t-corrupt");
+	uint32_t tok[T];
+	for (uint32_t i = 0; i < T; i++)
+		tok[i] = 5000 + i * 3;
+	int32_t ablk[3] = {1, 2, 3}, bblk[3] = {10, 11, 12};
+	save_a(&g, tok, ablk);
+	struct kvrt_request b = req("B", tok, NULL);
+	cr_assert_eq(kvrt_debug_corrupt_chunk(g.s, &b, 1), 0);
+	uint32_t n;
+	bool as;
+	cr_assert_eq(kvrt_sched_lookup(g.s, &b, 0, &n, &as), 0);
+	cr_assert_eq(n, 32u);
+	cr_assert_eq(kvrt_sched_after_alloc(g.s, &b, bblk, 3, 0, 32), 0);
+	const void *m;
+	size_t len;
+	cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){0}, &m, &len), 0);
+	step(&g, m, len);
+	int64_t errs[8];
+	size_t ne = kvrt_worker_load_errors(g.w, errs, 8);
+	cr_assert_eq(ne, 1u);
+	cr_assert_eq(errs[0], 11);
+	bool delay;
+	kvrt_sched_finished(g.s, "B", 1, &delay);
+	kvrt_worker_flush(g.w);
+	struct kvrt_stats st;
+	kvrt_worker_stats(g.w, &st);
+	cr_assert_eq(st.pinned, 0u);
+	cr_assert_eq(st.checksum_failures, 1u);
+	rig_down(&g);
+}
+
+Test(kvrt_api, errors_a_user_can_hit)
+{
+	char err[256];
+	struct kvrt_worker *w;
+	struct kvrt_sched *s;
+	static const char *bk[] = {"chunk_size"}, *bv[] = {"banana"};
+	struct kvrt_options o = opts("t-err");
+	o.keys = bk;
+	o.values = bv;
+	o.num_keys = 1;
+	cr_assert_eq(kvrt_worker_create(&w, &o, err, sizeof err), -EINVAL);
+	cr_assert(strstr(err, "chunk_size"), "%s", err);
+	o = opts("t-err");
+	o.block_size = 0;
+	cr_assert_eq(kvrt_sched_create(&s, &o, err, sizeof err), -EINVAL);
+	/* A scheduler without a worker in the process: no hit, no crash. */
+	o = opts("t-alone");
+	cr_assert_eq(kvrt_sched_create(&s, &o, err, sizeof err), 0);
+	cr_assert(!kvrt_sched_sees_worker(s));
+	uint32_t tok[T] = {1, 2, 3};
+	struct kvrt_request r = req("X", tok, NULL);
+	uint32_t n = 99;
+	bool as = true;
+	cr_assert_eq(kvrt_sched_lookup(s, &r, 0, &n, &as), 0);
+	cr_assert(n == 0 && !as);
+	bool delay;
+	cr_assert_eq(kvrt_sched_finished(s, "X", 1, &delay), 0);
+	cr_assert(!delay);
+	kvrt_sched_destroy(s);
+	/* Two workers of one instance and rank: refused. Garbage metadata: refused. */
+	struct rig g;
+	rig_up(&g, "t-dup");
+	o = opts("t-dup");
+	cr_assert_eq(kvrt_worker_create(&w, &o, err, sizeof err), -EEXIST);
+	uint8_t junk[64];
+	memset(junk, 0x5a, sizeof junk);
+	cr_assert_eq(kvrt_worker_bind(g.w, junk, sizeof junk), -EBADMSG);
+	cr_assert_eq(kvrt_worker_start_load(g.w), 0);
+	rig_down(&g);
+}
