@@ -1,0 +1,360 @@
+"""vLLM v1 KV connector backed by kvrt (connector/kvrt.h through ctypes).
+
+Use:  --kv-transfer-config '{"kv_connector": "KvrtConnectorV1",
+        "kv_connector_module_path": "kvrt.vllm", "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {...}}'
+
+Thin by design: every decision (what hits, what loads, what saves, the step
+metadata bytes) is made in C; this file converts vLLM's objects into C
+calls. Version differences are handled by feature checks (hasattr,
+inspect.signature), never by version strings.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from . import _lib
+
+log = logging.getLogger("kvrt")
+
+try:  # vLLM with connector stats
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+except ImportError:  # pragma: no cover
+    KVConnectorStats = None
+
+try:  # vLLM >= mid 2026: failed receives reported apart
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+except ImportError:  # pragma: no cover
+    KVConnectorTransferResults = None
+
+
+@dataclass
+class KvrtMeta(KVConnectorMetadata):
+    """One step's plan: kvrt's bytes (pickled as-is with TP/PP > 1)."""
+    data: bytes = b""
+    preempted: list = field(default_factory=list)
+
+
+if KVConnectorStats is not None:
+    @dataclass
+    class KvrtStats(KVConnectorStats):
+        """Counters of kvrt's engine (snapshot per step; pins are a level)."""
+
+        def reset(self):
+            self.data = {}
+
+        def aggregate(self, other):
+            for k, v in (other.data or {}).items():
+                self.data[k] = max(self.data.get(k, 0), v)
+            return self
+
+        def reduce(self):
+            return dict(self.data)
+
+        def is_empty(self):
+            return not self.data
+else:  # pragma: no cover
+    KvrtStats = None
+
+
+def _u32(seq):
+    return (C.c_uint32 * len(seq))(*seq)
+
+
+def _i32(seq):
+    return (C.c_int32 * len(seq))(*seq)
+
+
+class _Req:
+    """A kvrt_request plus the buffers it points to."""
+
+    def __init__(self, request, tokens, total=None):
+        self.id = request.request_id.encode()
+        self.tok = _u32(tokens)
+        salt = getattr(request, "cache_salt", None)
+        self.salt = salt.encode() if isinstance(salt, str) else (salt or b"")
+        lora = getattr(request, "lora_request", None)
+        self.lora_name = lora.lora_name.encode() if lora is not None else None
+        lora_id = getattr(lora, "lora_int_id", 0) if lora is not None else 0
+        extra = []
+        for f in getattr(request, "mm_features", None) or ():
+            ident = getattr(f, "identifier", None) or getattr(f, "mm_hash", None)
+            pos = getattr(getattr(f, "mm_position", None), "offset", None)
+            extra.append(f"{ident}@{pos}".encode())
+        self.extra_bufs = extra
+        self.extra = (_lib.Bytes * max(1, len(extra)))(
+            *[_lib.Bytes(C.cast(C.c_char_p(b), C.c_void_p), len(b)) for b in extra])
+        self.c = _lib.Request(
+            self.id, len(self.id), self.tok, len(tokens),
+            total if total is not None else request.num_tokens,
+            request.num_prompt_tokens,
+            _lib.Bytes(C.cast(C.c_char_p(self.salt), C.c_void_p) if self.salt else None,
+                       len(self.salt)),
+            self.lora_name, lora_id, self.extra, len(extra))
+
+
+class KvrtConnectorV1(KVConnectorBase_V1):
+    """kvrt as vLLM's KV connector (both roles)."""
+
+    def __init__(self, vllm_config, role, kv_cache_config=None):
+        params = inspect.signature(KVConnectorBase_V1.__init__).parameters
+        if "kv_cache_config" in params:
+            super().__init__(vllm_config, role, kv_cache_config)
+        else:  # pragma: no cover  (vLLM < 0.12)
+            super().__init__(vllm_config, role)
+        self._kvc = kv_cache_config
+        kvt = vllm_config.kv_transfer_config
+        extra = dict(getattr(kvt, "kv_connector_extra_config", None) or {})
+        self._block_size = vllm_config.cache_config.block_size
+        model = str(vllm_config.model_config.model)
+        dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+        if dtype == "auto":
+            dtype = str(vllm_config.model_config.dtype).replace("torch.", "")
+        pc = vllm_config.parallel_config
+        tp_size = getattr(pc, "tensor_parallel_size", 1)
+        pp_size = getattr(pc, "pipeline_parallel_size", 1)
+        tp_rank = pp_rank = 0
+        if role != KVConnectorRole.SCHEDULER and (tp_size > 1 or pp_size > 1):
+            from vllm.distributed import parallel_state as ps
+            tp_rank = ps.get_tensor_model_parallel_rank()
+            pp_rank = ps.get_pp_group().rank_in_group
+        self._instance = str(getattr(kvt, "engine_id", "") or "kvrt")
+        lib = _lib.lib()
+        self._lib = lib
+        opts, self._keep = _lib.options(self._instance, model, dtype, self._block_size, extra,
+                                        tp_rank, tp_size, pp_rank, pp_size)
+        err = C.create_string_buffer(1024)
+        h = C.c_void_p()
+        self._sched = self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            rc = lib.kvrt_sched_create(C.byref(h), C.byref(opts), err, len(err))
+            if rc:
+                raise ValueError(f"kvrt: {_lib.errmsg(err)} ({rc})")
+            self._sched = h
+            self._reqs: dict[str, Any] = {}
+        else:
+            rc = lib.kvrt_worker_create(C.byref(h), C.byref(opts), err, len(err))
+            if rc:
+                raise ValueError(f"kvrt: {_lib.errmsg(err)} ({rc})")
+            self._worker = h
+            self._layers: dict[str, int] = {}
+            self._failed: set[str] = set()
+            self._fin_buf = C.create_string_buffer(1 << 16)
+            self._err_buf = (C.c_int64 * 4096)()
+
+    # ------------------------------------------------------------ class-level
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config):
+        return None  # kvrt reads strides: any layout
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config):
+        # Layerwise hooks do not run inside full CUDA-graph replay.
+        v = (extra_config or {}).get("use_layerwise",
+                                     (extra_config or {}).get("lmcache.use_layerwise", False))
+        return str(v).lower() in ("1", "true", "yes", "on")
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        if KvrtStats is None:
+            return None
+        return KvrtStats(data=dict(data or {}))
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: vLLM never waits for kvrt to deliver KV
+
+    # ------------------------------------------------------------ scheduler
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        prompt = request.prompt_token_ids
+        if prompt is None:  # prompt embeddings: no token ids to key
+            return 0, False
+        self._reqs[request.request_id] = request
+        r = _Req(request, prompt)
+        n, is_async = C.c_uint32(), C.c_bool()
+        self._lib.kvrt_sched_lookup(self._sched, C.byref(r.c), num_computed_tokens,
+                                    C.byref(n), C.byref(is_async))
+        return int(n.value), bool(is_async.value)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens):
+        if request.prompt_token_ids is None:
+            return
+        ids = list(blocks.get_block_ids()[0]) if num_external_tokens else []
+        r = _Req(request, request.prompt_token_ids if num_external_tokens else [])
+        self._lib.kvrt_sched_after_alloc(self._sched, C.byref(r.c), _i32(ids), len(ids),
+                                         request.num_computed_tokens, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output):
+        keep, reqs = [], []
+        for rid, n in scheduler_output.num_scheduled_tokens.items():
+            req = self._reqs.get(rid)
+            if req is None or req.prompt_token_ids is None:
+                continue
+            rb = rid.encode()
+            # schedule() advances num_computed_tokens after this call: the
+            # KV that exists after the step is computed + scheduled.
+            done = req.num_computed_tokens + n
+            need = self._lib.kvrt_sched_save_need(self._sched, rb, len(rb), done,
+                                                  req.num_prompt_tokens)
+            if not need:
+                continue
+            r = _Req(req, list(req.all_token_ids[:need]))
+            bids = _i32(list(self._kv_cache_manager.get_block_ids(rid)[0]))
+            keep.append((r, bids))
+            reqs.append(_lib.SchedReq(r.c, done, bids, len(bids)))
+        pre = [p.encode() for p in sorted(scheduler_output.preempted_req_ids or ())]
+        pre_c = (_lib.Bytes * max(1, len(pre)))(
+            *[_lib.Bytes(C.cast(C.c_char_p(b), C.c_void_p), len(b)) for b in pre])
+        arr = (_lib.SchedReq * max(1, len(reqs)))(*reqs)
+        st = _lib.SchedStep(arr, len(reqs), pre_c, len(pre))
+        ptr, ln = C.c_void_p(), C.c_size_t()
+        rc = self._lib.kvrt_sched_build_meta(self._sched, C.byref(st), C.byref(ptr), C.byref(ln))
+        if rc and not ptr.value:
+            log.error("kvrt: build_connector_meta failed (%d): empty step", rc)
+            return KvrtMeta(b"", [])
+        return KvrtMeta(C.string_at(ptr, ln.value), sorted(scheduler_output.preempted_req_ids or ()))
+
+    def request_finished(self, request, block_ids):
+        self._reqs.pop(request.request_id, None)
+        rb = request.request_id.encode()
+        delay = C.c_bool()
+        self._lib.kvrt_sched_finished(self._sched, rb, len(rb), C.byref(delay))
+        return bool(delay.value), None
+
+    def update_connector_output(self, connector_output):
+        return None  # all of kvrt's state lives in C
+
+    def has_pending_push_work(self) -> bool:
+        return False  # kvrt pushes nothing to other engines
+
+    def take_events(self):
+        return ()
+
+    def reset_cache(self):
+        return None  # kvrt's cache outlives vLLM's prefix cache reset
+
+    # ------------------------------------------------------------ worker
+    def register_kv_caches(self, kv_caches):
+        bs = self._block_size
+        mla = False
+        for g in getattr(self._kvc, "kv_cache_groups", None) or ():
+            mla = mla or "MLA" in type(g.kv_cache_spec).__name__
+        tensors, names = [], []
+        for i, (name, t) in enumerate(kv_caches.items()):
+            shape, stride = tuple(t.shape), tuple(t.stride())
+            if t.dim() == 4:
+                layout = "bhnc_mla" if mla else "bhnc"
+            elif t.dim() == 3:
+                layout = "mla"
+            elif t.dim() == 5 and shape[1] == 2:
+                layout = "flashinfer"
+            elif t.dim() == 5 and shape[0] == 2:
+                layout = "flash_attn" if shape[2] == bs else "cpu"
+            else:
+                raise ValueError(f"kvrt: KV tensor {name} of shape {shape} is not understood")
+            nm = name.encode()
+            names.append(nm)
+            ct = _lib.Tensor(t.data_ptr(), _lib.LAYOUT[layout], t.element_size(), t.dim(),
+                             (C.c_int64 * _lib.MAX_DIMS)(*shape), (C.c_int64 * _lib.MAX_DIMS)(*stride),
+                             nm)
+            tensors.append(ct)
+            self._layers[name] = i
+        arr = (_lib.Tensor * len(tensors))(*tensors)
+        rc = self._lib.kvrt_worker_register(self._worker, arr, len(tensors))
+        if rc:
+            raise ValueError(f"kvrt: register_kv_caches failed ({rc})")
+
+    def handle_preemptions(self, kv_connector_metadata=None, *args):
+        # Older vLLM passes a set of request ids, newer the metadata.
+        self._lib.kvrt_worker_preempted(self._worker)
+
+    def bind_connector_metadata(self, connector_metadata):
+        super().bind_connector_metadata(connector_metadata)
+        data = getattr(connector_metadata, "data", b"")
+        if data:
+            rc = self._lib.kvrt_worker_bind(self._worker, data, len(data))
+            if rc:
+                log.error("kvrt: bind_connector_metadata: %d", rc)
+
+    def start_load_kv(self, forward_context, **kwargs):
+        rc = self._lib.kvrt_worker_start_load(self._worker)
+        if rc:
+            log.error("kvrt: start_load_kv: %d", rc)
+
+    def wait_for_layer_load(self, layer_name):
+        i = self._layers.get(layer_name)
+        if i is not None:
+            self._lib.kvrt_worker_wait_layer(self._worker, i)
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
+        i = self._layers.get(layer_name)
+        if i is not None:
+            self._lib.kvrt_worker_save_layer(self._worker, i)
+
+    def wait_for_save(self):
+        self._lib.kvrt_worker_wait_save(self._worker)
+
+    def _finished(self):
+        ns, nr, nf = C.c_uint32(), C.c_uint32(), C.c_uint32()
+        self._lib.kvrt_worker_get_finished(self._worker, self._fin_buf, len(self._fin_buf),
+                                           C.byref(ns), C.byref(nr), C.byref(nf))
+        return _lib.parse_ids(self._fin_buf.raw, (ns.value, nr.value, nf.value))
+
+    def get_finished(self, finished_req_ids):
+        send, recv, failed = self._finished()
+        self._failed |= failed
+        return (send or None), (recv or None)
+
+    if KVConnectorTransferResults is not None:
+        def get_transfer_results(self, finished_req_ids):
+            send, recv, failed = self._finished()
+            res = KVConnectorTransferResults(finished_sending=send, finished_recving=recv)
+            if hasattr(res, "failed_recving"):
+                res.failed_recving = failed
+            return res
+
+    def get_block_ids_with_load_errors(self):
+        out = set()
+        while True:
+            n = self._lib.kvrt_worker_load_errors(self._worker, self._err_buf, len(self._err_buf))
+            out.update(self._err_buf[i] for i in range(n))
+            if n < len(self._err_buf):
+                return out
+
+    def stats(self) -> dict:
+        """kvrt's counters (worker side); 'pinned' is the pins held now."""
+        s = _lib.Stats()
+        self._lib.kvrt_worker_stats(self._worker, C.byref(s))
+        return {k: int(getattr(s, k)) for k in _lib.STAT_FIELDS}
+
+    def get_kv_connector_stats(self):
+        if KvrtStats is None or self._worker is None:
+            return None
+        return KvrtStats(data=self.stats())
+
+    def flush(self):
+        return self._lib.kvrt_worker_flush(self._worker)
+
+    def shutdown(self):
+        if getattr(self, "_worker", None):
+            self._lib.kvrt_worker_destroy(self._worker)
+            self._worker = None
+        if getattr(self, "_sched", None):
+            self._lib.kvrt_sched_destroy(self._sched)
+            self._sched = None
+
+    # test hook (connector/kvrt.h: kvrt_debug_corrupt_chunk)
+    def debug_corrupt_chunk(self, request, chunk) -> int:
+        r = _Req(request, list(request.prompt_token_ids))
+        return self._lib.kvrt_debug_corrupt_chunk(self._sched, C.byref(r.c), chunk)
