@@ -27,8 +27,10 @@
 #include "actors/key.h"
 #include "actors/pool.h"
 #include "connector/config.h"
+#include "connector/lookup_socket.h"
 #include "connector/meta.h"
 #include "runtime/log.h"
+#include "runtime/trace.h"
 
 #define _FRAME_MAGIC "KVRS"
 #define _FRAME_HDR 16u
@@ -43,6 +45,9 @@ struct kvrt_worker {
 	uint64_t model_ns;            /* model namespace hash (engine's) */
 	struct kvrt_worker *next;     /* registry list */
 	bool registered;              /* register succeeded */
+	char *lsock_path;             /* lookup socket to serve once registered, or NULL */
+	struct kvrt_lsock_server *lsrv; /* its server (connector/lookup_socket.h), or NULL */
+	bool trace_owned;             /* the trace key started tracing: destroy writes it */
 	/* bind scratch (worker thread) */
 	struct kvrt_plan_req *preqs;  /* plan requests */
 	size_t preqs_cap;
@@ -170,6 +175,19 @@ static uint64_t req_ns(const struct kvrt_options *o, const struct kvrt_request *
 	return kvrt_key_namespace_hash(&ns);
 }
 
+/* Lookup sockets (connector/lookup_socket.h) between a scheduler and
+ * workers of other processes: KVRT_LOOKUP_SOCKET=1 turns them on, =0 off;
+ * unset, they are on when the instance has more than one rank (TP x PP > 1:
+ * vLLM's multiprocess executor). Rank k = pp_rank * tp_size + tp_rank. */
+static bool lsock_wanted(const struct kvrt_options *o)
+{
+	const char *v = getenv("KVRT_LOOKUP_SOCKET");
+	if (v && v[0])
+		return v[0] == '1';
+	uint64_t world = (uint64_t)(o->tp_size ? o->tp_size : 1) * (o->pp_size ? o->pp_size : 1);
+	return world > 1;
+}
+
 /* --- worker ----------------------------------------------------------------- */
 
 int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, char *err,
@@ -217,7 +235,23 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 		/* Never serve wrong KV: a chunk damaged in memory or on disk is
 		 * refused and recomputed (config.h has no key for it yet). */
 		.verify_checksums = true,
+		/* remote_url reaches the evict actor's remote tier (started by
+		 * register). lookup_timeout_ms bounds what a lookup may wait for:
+		 * Redis' answers (each request's deadline), and the lookup's own
+		 * wait for them when shorter than the engine's 5 ms default. */
+		.remote_url = c->remote_url[0] ? c->remote_url : NULL,
+		.remote_timeout_ms = c->lookup_timeout_ms,
+		.remote_lookup_wait_ms = c->lookup_timeout_ms < 5 ? c->lookup_timeout_ms : 0,
 	};
+	/* mailbox_size: the engine sizes its actors' mailboxes itself (see
+	 * README-connector.md); the key is checked and logged, not applied. */
+	if (c->trace[0]) {
+		int trc = kvrt_trace_start(c->trace);
+		if (!trc)
+			w->trace_owned = true;
+		else if (trc != -EALREADY)
+			kvrt_warn("kvrt: trace '%s' not started (%d)", c->trace, trc);
+	}
 	rc = kvrt_engine_create(&w->e, &ec);
 	if (rc) {
 		if (err && errlen)
@@ -239,6 +273,17 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 				 w->instance, w->tp_rank, w->pp_rank);
 		goto fail;
 	}
+	if (lsock_wanted(o)) {
+		/* Served from register on (lookups before it find nothing anyway). */
+		char p[128];
+		uint32_t tp = o->tp_size ? o->tp_size : 1;
+		int prc = kvrt_lsock_path(p, sizeof p, w->instance, o->pp_rank * tp + o->tp_rank, true);
+		if (!prc)
+			w->lsock_path = strdup(p);
+		if (prc || !w->lsock_path)
+			kvrt_warn("kvrt: worker '%s' rank %u: no lookup socket (%d): the scheduler "
+				  "of another process will see no hit", w->instance, w->tp_rank, prc);
+	}
 	char line[2048];
 	kvrt_config_describe(c, line, sizeof line);
 	kvrt_info("kvrt: worker '%s' rank %u: %s", w->instance, w->tp_rank, line);
@@ -246,6 +291,8 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 	return 0;
 fail:
 	kvrt_engine_destroy(w->e);
+	if (w->trace_owned)
+		kvrt_trace_stop();
 	free(w->instance);
 	free(w);
 	return rc;
@@ -323,6 +370,13 @@ int kvrt_worker_register(struct kvrt_worker *w, const struct kvrt_tensor *t, uin
 	free(kt);
 	if (!rc)
 		w->registered = true;
+	if (!rc && w->lsock_path) {
+		int src = kvrt_lsock_server_start(&w->lsrv, w->e, w->lsock_path);
+		if (src)
+			kvrt_warn("kvrt: worker '%s' rank %u: cannot serve lookups on %s (%d): the "
+				  "scheduler of another process will see no hit",
+				  w->instance, w->tp_rank, w->lsock_path, src);
+	}
 	return rc;
 }
 
@@ -651,6 +705,20 @@ int kvrt_worker_stats(struct kvrt_worker *w, struct kvrt_stats *o)
 	o->pinned = s.pinned;
 	struct kvrt_index *idx = kvrt_engine_index(w->e);
 	o->chunks = idx ? kvrt_index_count(idx) : 0;
+	struct kvrt_pool *pool = kvrt_engine_pool(w->e);
+	uint64_t sb = pool ? kvrt_pool_slab_bytes(pool) : 0;
+	uint64_t slabs = pool ? kvrt_pool_slabs(pool) : 0;
+	o->pool_bytes = slabs * sb;
+	o->pool_used_bytes = slabs > s.evict.slabs_free ? (slabs - s.evict.slabs_free) * sb : 0;
+	o->cpu_chunks = s.evict.cpu_entries;
+	o->disk_chunks = s.evict.disk_entries;
+	o->disk_used_bytes = s.evict.disk_entries * sb;
+	o->evicted = s.evict.evicted;
+	o->demoted = s.evict.demoted;
+	o->promoted = s.evict.promoted;
+	o->remote_writes = s.remote_writes;
+	o->remote_hits = s.remote_hits;
+	o->remote_errors = s.remote_errors;
 	return 0;
 }
 
@@ -663,6 +731,8 @@ void kvrt_worker_destroy(struct kvrt_worker *w)
 {
 	if (!w)
 		return;
+	kvrt_lsock_server_stop(w->lsrv); /* before the engine it asks */
+	free(w->lsock_path);
 	pthread_rwlock_wrlock(&reg_lock);
 	for (struct kvrt_worker **pp = &reg_head; *pp; pp = &(*pp)->next)
 		if (*pp == w) {
@@ -671,6 +741,8 @@ void kvrt_worker_destroy(struct kvrt_worker *w)
 		}
 	pthread_rwlock_unlock(&reg_lock);
 	kvrt_engine_destroy(w->e);
+	if (w->trace_owned) /* after the actors stopped: their records are in */
+		kvrt_trace_stop();
 	for (size_t i = 0; i < w->npend; i++)
 		free(w->pend[i].id);
 	free(w->pend);
@@ -715,6 +787,8 @@ struct kvrt_sched {
 	uint32_t bs, cs;               /* block, chunk size */
 	uint64_t step;                 /* metadata built so far */
 	bool warned;                   /* "no worker" said */
+	struct kvrt_lsock_client *lsock; /* the ranks' lookup sockets, or NULL */
+	bool lsock_off;                /* lookup sockets not used (not wanted or failed) */
 	struct _kvrt_sreq_state *tab[_SCHED_BUCKETS]; /* requests by hash */
 	struct kvrt_bytes *delayed;    /* ids freed with delay_free, for the next meta */
 	uint32_t ndelayed, delayed_cap;
@@ -833,9 +907,12 @@ void kvrt_sched_destroy(struct kvrt_sched *s)
 			s->tab[b] = q->next;
 			if (w)
 				kvrt_engine_release(w->e, q->hash);
+			else if (s->lsock)
+				kvrt_lsock_client_release(s->lsock, q->hash);
 			sfree(q);
 		}
 	pthread_rwlock_unlock(&reg_lock);
+	kvrt_lsock_client_destroy(s->lsock);
 	for (uint32_t i = 0; i < s->ndelayed; i++)
 		free((void *)s->delayed[i].data);
 	free(s->delayed);
@@ -860,6 +937,45 @@ bool kvrt_sched_sees_worker(struct kvrt_sched *s)
 	return ok;
 }
 
+/* No worker in this process: ask every rank's lookup socket (the minimum;
+ * any rank failing is no hit). -ENODEV when sockets are not used. The
+ * timeout is lookup_timeout_ms when set, else 250 ms: the scheduler's
+ * thread waits (a healthy rank answers in well under a millisecond; its
+ * default 3000 would stall every step of vLLM on one sick rank). */
+static int sched_remote_lookup(struct kvrt_sched *s, uint64_t req, uint64_t ns, const uint32_t *tok,
+			       uint32_t n, struct kvrt_lookup_result *res)
+{
+	if (!s->lsock) {
+		if (s->lsock_off || !lsock_wanted(&s->o))
+			return -ENODEV;
+		s->lsock_off = true;
+		uint64_t world = (uint64_t)(s->o.tp_size ? s->o.tp_size : 1) * (s->o.pp_size ? s->o.pp_size : 1);
+		if (world > 4096)
+			return -ENODEV;
+		char (*p)[128] = calloc(world, sizeof(*p));
+		const char **pv = calloc(world, sizeof(*pv));
+		int rc = p && pv ? 0 : -ENOMEM;
+		for (uint32_t k = 0; k < world && !rc; k++) {
+			rc = kvrt_lsock_path(p[k], sizeof p[k], s->instance, k, false);
+			pv[k] = p[k];
+		}
+		uint32_t ms = s->cfg.source[kvrt_config_key_index("lookup_timeout_ms")] == KVRT_CONFIG_SRC_DEFAULT
+				      ? 250 : s->cfg.lookup_timeout_ms;
+		if (!rc)
+			rc = kvrt_lsock_client_create(&s->lsock, pv, (uint32_t)world, ms);
+		free(p);
+		free(pv);
+		if (rc) {
+			kvrt_warn("kvrt: scheduler '%s': no lookup sockets (%d)", s->instance, rc);
+			return -ENODEV;
+		}
+		s->lsock_off = false;
+		kvrt_info("kvrt: scheduler '%s': lookups ask %u rank(s) over their sockets "
+			  "(timeout %u ms)", s->instance, (unsigned)world, ms);
+	}
+	return kvrt_lsock_client_lookup(s->lsock, req, ns, tok, n, res);
+}
+
 int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32_t num_computed,
 		      uint32_t *matched, bool *load_async)
 {
@@ -881,10 +997,12 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 	struct kvrt_worker *w = reg_find(s->instance);
 	int rc = w ? kvrt_engine_lookup(w->e, q->hash, q->ns, r->tokens, n, &res) : -ENODEV;
 	pthread_rwlock_unlock(&reg_lock);
+	if (rc == -ENODEV)
+		rc = sched_remote_lookup(s, q->hash, q->ns, r->tokens, n, &res);
 	if (rc == -ENODEV && !s->warned) {
 		s->warned = true;
 		kvrt_warn("kvrt: no kvrt worker '%s' in this process: lookups answer no hit "
-			  "(the multiprocess lookup is not implemented yet; saves go on)",
+			  "(TP = 1 in another process: set KVRT_LOOKUP_SOCKET=1; saves go on)",
 			  s->instance);
 	}
 	if (rc)
@@ -922,6 +1040,8 @@ int kvrt_sched_after_alloc(struct kvrt_sched *s, const struct kvrt_request *r, c
 			struct kvrt_worker *w = reg_find(s->instance);
 			if (w)
 				kvrt_engine_release(w->e, h);
+			else if (s->lsock)
+				kvrt_lsock_client_release(s->lsock, h);
 			pthread_rwlock_unlock(&reg_lock);
 		}
 		goto out;
@@ -1214,6 +1334,8 @@ int kvrt_sched_finished(struct kvrt_sched *s, const char *id, uint32_t id_len, b
 	struct kvrt_worker *w = reg_find(s->instance);
 	if (w)
 		kvrt_engine_release(w->e, h);
+	else if (s->lsock)
+		kvrt_lsock_client_release(s->lsock, h);
 	pthread_rwlock_unlock(&reg_lock);
 	if (q) {
 		/* Saved from its blocks in the last step built: the gathers may

@@ -42,10 +42,21 @@
  * registered under its instance, at the time of each lookup (so the two may
  * be created in any order). That is vLLM's uniproc executor (TP = 1, the
  * EngineCore and the worker in one process) and kvrt's tests. With any other
- * executor (the worker in another process) the scheduler finds no worker:
- * lookups answer 0 tokens (no hit, no load) and a warning says so once.
- * Saves still happen (the plan needs no index), so the cache fills; it is
- * only never read. A cross-process lookup socket is a later step.
+ * executor (the workers in other processes: vLLM's multiprocess executor,
+ * TP x PP > 1) each worker serves lookups on a Unix socket
+ * (connector/lookup_socket.h: $XDG_RUNTIME_DIR/kvrt/<instance>/rank<k>.sock,
+ * else /tmp/kvrt-<uid>/..., k = pp_rank * tp_size + tp_rank; directories
+ * 0700, socket 0600, a dead process's stale socket replaced) from
+ * kvrt_worker_register on, and a scheduler that finds no worker in its
+ * process asks every rank's socket and takes the minimum. A rank that is
+ * missing, fails or answers later than the timeout makes that lookup "no
+ * hit" (0 tokens): never a hang. The timeout is lookup_timeout_ms when set,
+ * else 250 ms (the scheduler's thread waits; a healthy rank answers in well
+ * under a millisecond); a rank that timed out is not asked again for 5 s.
+ * Each rank's up/down change is logged once. KVRT_LOOKUP_SOCKET=1 turns the
+ * sockets on for TP = 1 too (a worker in another process), =0 off; off and
+ * with no worker in the process, lookups answer 0 tokens and a warning says
+ * so once (saves still happen: the plan needs no index).
  *
  * Request ids are vLLM's strings (bytes, 1..1024). Inside, a request is the
  * 64-bit hash of its id; two ids with the same hash can never be served each
@@ -154,7 +165,20 @@ struct kvrt_stats {
 	uint64_t save_abandoned, checksum_failures;
 	uint64_t pinned;       /* index pins held now (0 when idle) */
 	uint64_t chunks;       /* chunks in the index (all tiers) */
-	uint64_t reserved[8];  /* 0 */
+	/* Tiers (levels, not counters): */
+	uint64_t pool_bytes;      /* CPU pool size (slabs x slab bytes; 0 before register) */
+	uint64_t pool_used_bytes; /* ... of it holding chunks or in flight */
+	uint64_t cpu_chunks;      /* chunks resident in the CPU tier */
+	uint64_t disk_chunks;     /* chunks in the disk tier only */
+	uint64_t disk_used_bytes; /* disk_chunks x slab bytes (the payload, headers aside) */
+	/* Tier movements (counters): */
+	uint64_t evicted;         /* entries retired from the CPU tier */
+	uint64_t demoted;         /* CPU -> disk */
+	uint64_t promoted;        /* disk -> CPU */
+	uint64_t remote_writes;   /* chunks written to Redis */
+	uint64_t remote_hits;     /* chunks read back from Redis */
+	uint64_t remote_errors;   /* Redis reads/finds that failed */
+	uint64_t reserved[8];     /* 0 */
 };
 
 /* --- worker ----------------------------------------------------------------- */

@@ -193,3 +193,121 @@ def test_async_load_from_disk(model_dir):
     finally:
         eng.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _capture_stats(eng):
+    """Every kv_connector_stats payload update_from_output produces."""
+    seen = []
+    orig = eng.sched.update_from_output
+
+    def spy(so, mro):
+        out = orig(so, mro)
+        for eco in out.values():
+            st = getattr(eco, "scheduler_stats", None)
+            if st is not None and st.kv_connector_stats:
+                seen.append(dict(st.kv_connector_stats))
+        return out
+
+    eng.sched.update_from_output = spy
+    return seen
+
+
+def _interval(eng, seen):
+    """The payloads merged and reduced as vLLM's logger does."""
+    cls = type(eng.sc)
+    acc = None
+    for d in seen:
+        s = cls.build_kv_connector_stats(d)
+        acc = s if acc is None else acc.aggregate(s)
+    seen.clear()
+    return acc.reduce() if acc is not None and not acc.is_empty() else {}
+
+
+def test_stats_hit_and_corrupt_agree(model_dir):
+    eng = engine(model_dir)
+    seen = _capture_stats(eng)
+    try:
+        P = H.prompt(9)
+        eng.add("A", P)
+        eng.run()
+        eng.wc.flush()
+        eng.step()  # the flushed saves reach a report
+        r = _interval(eng, seen)
+        assert r.get("saved_tokens", 0) == 32 and r.get("saved_chunks") == 2
+        assert r["saved_bytes"] == 32 * 2 * H.NUM_KV_HEADS * 2 * H.HEAD * 4
+        assert r.get("hit_tokens", 0) == 0 and r.get("load_errors", 0) == 0
+        assert r["pool_bytes"] > 0 and 0 < r["pool_used_bytes"] <= r["pool_bytes"]
+        eng.add("B", P)
+        eng.run()
+        r = _interval(eng, seen)
+        assert r["hit_tokens"] == r["loaded_tokens"] == 32
+        assert r["hit_not_loaded_tokens"] == 0 and r.get("load_errors", 0) == 0
+        assert r["loaded_bytes"] == 32 * 2 * H.NUM_KV_HEADS * 2 * H.HEAD * 4
+        assert r["hit_requests"] == 1 and r["loaded_chunks"] == 2
+        # corrupt chunk 1 of the cached prompt: one load error, 16 tokens lost
+        c = eng.add("C", P)
+        assert eng.sc.debug_corrupt_chunk(c, 1) == 0
+        eng.run()
+        r = _interval(eng, seen)
+        assert r["load_errors"] == 1 and r["checksum_failures"] == 1
+        assert r["hit_tokens"] == 32 and r["loaded_tokens"] == 16
+        assert r["hit_not_loaded_tokens"] == 16
+        eng.assert_empty()
+    finally:
+        eng.close()
+
+
+def test_prom_metrics_record_stats(model_dir):
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    reg = CollectorRegistry()
+
+    def bind(cls):
+        class C(cls):
+            def __init__(self, *a, **k):
+                k["registry"] = reg
+                k.pop("multiprocess_mode", None)
+                super().__init__(*a, **k)
+        return C
+
+    vc = H.make_vllm_config(model_dir, extra=dict(BASE))
+    from kvrt.vllm import KvrtConnectorV1
+    pm = KvrtConnectorV1.build_prom_metrics(
+        vc, {Gauge: bind(Gauge), Counter: bind(Counter), Histogram: bind(Histogram)},
+        ["model_name", "engine"], {0: ["m", "0"]})
+    pm.observe({"loaded_tokens": 32, "load_errors": 1, "pool_used_bytes": 4096}, 0)
+    pm.observe({"loaded_tokens": 16, "pool_used_bytes": 8192}, 0)
+    lv = {"model_name": "m", "engine": "0"}
+    assert reg.get_sample_value("vllm:kvrt_loaded_tokens_total", lv) == 48
+    assert reg.get_sample_value("vllm:kvrt_load_errors_total", lv) == 1
+    assert reg.get_sample_value("vllm:kvrt_pool_used_bytes", lv) == 8192
+
+
+def test_lora_isolates(model_dir):
+    from vllm.lora.request import LoRARequest
+    eng = engine(model_dir)
+    try:
+        P = H.prompt(10)
+        la = LoRARequest("adapter-a", 1, "/nonexistent/a")
+        lb = LoRARequest("adapter-b", 2, "/nonexistent/b")
+        eng.add("A", P, lora=la)
+        eng.run()
+        eng.wc.flush()
+        assert eng.wc.stats()["chunks"] == 2
+        eng.add("B", P, lora=lb)
+        so, sched = eng.step()
+        assert sched == {"B": 40}  # another adapter: no hit
+        eng.run()
+        eng.add("N", P)
+        so, sched = eng.step()
+        assert sched == {"N": 40}  # no adapter: no hit either
+        eng.run()
+        eng.add("C", P, lora=la)
+        so, sched = eng.step()
+        assert sched == {"C": 8}  # the same adapter hits
+        assert H.verify_loaded(eng, "C", 32)
+        eng.run()
+        eng.assert_empty()
+        assert pins(eng) == 0
+    finally:
+        eng.close()

@@ -47,7 +47,9 @@ class Tensor(C.Structure):
 STAT_FIELDS = ["lookups", "lookup_tokens", "prefetches", "steps", "load_reqs", "load_chunks",
                "load_tokens", "load_failed_chunks", "load_error_blocks", "async_done",
                "save_chunks", "save_dup", "save_skipped_pool", "save_skipped_mailbox",
-               "save_abandoned", "checksum_failures", "pinned", "chunks"]
+               "save_abandoned", "checksum_failures", "pinned", "chunks",
+               "pool_bytes", "pool_used_bytes", "cpu_chunks", "disk_chunks", "disk_used_bytes",
+               "evicted", "demoted", "promoted", "remote_writes", "remote_hits", "remote_errors"]
 
 
 class Stats(C.Structure):

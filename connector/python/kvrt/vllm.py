@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes as C
 import inspect
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from . import _lib
+from . import stats as _stats
 
 log = logging.getLogger("kvrt")
 
@@ -32,6 +34,11 @@ try:  # vLLM with connector stats
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 except ImportError:  # pragma: no cover
     KVConnectorStats = None
+
+try:  # vLLM with per-connector Prometheus metrics
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
+except ImportError:  # pragma: no cover
+    KVConnectorPromMetrics = None
 
 try:  # vLLM >= mid 2026: failed receives reported apart
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
@@ -49,18 +56,18 @@ class KvrtMeta(KVConnectorMetadata):
 if KVConnectorStats is not None:
     @dataclass
     class KvrtStats(KVConnectorStats):
-        """Counters of kvrt's engine (snapshot per step; pins are a level)."""
+        """kvrt's counters since the last report plus its levels (kvrt/stats.py)."""
 
         def reset(self):
             self.data = {}
 
         def aggregate(self, other):
-            for k, v in (other.data or {}).items():
-                self.data[k] = max(self.data.get(k, 0), v)
+            if other is not None and not other.is_empty():
+                self.data = _stats.merge(self.data or {}, other.data)
             return self
 
         def reduce(self):
-            return dict(self.data)
+            return _stats.reduce(self.data or {})
 
         def is_empty(self):
             return not self.data
@@ -143,6 +150,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
                 raise ValueError(f"kvrt: {_lib.errmsg(err)} ({rc})")
             self._sched = h
             self._reqs: dict[str, Any] = {}
+            self._sstats: dict[str, int] = {}
         else:
             rc = lib.kvrt_worker_create(C.byref(h), C.byref(opts), err, len(err))
             if rc:
@@ -152,6 +160,11 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             self._failed: set[str] = set()
             self._fin_buf = C.create_string_buffer(1 << 16)
             self._err_buf = (C.c_int64 * 4096)()
+            self._track = _stats.Tracker()
+            import os
+            self._track.chunk_size = int(self._cfg_get(
+                extra, "chunk_size", os.environ.get("KVRT_CHUNK_SIZE")
+                or os.environ.get("LMCACHE_CHUNK_SIZE") or 256))
 
     # ------------------------------------------------------------ class-level
     @classmethod
@@ -170,6 +183,13 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         if KvrtStats is None:
             return None
         return KvrtStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        if KVConnectorPromMetrics is None:
+            return None
+        return _stats.prom_metrics_class(KVConnectorPromMetrics)(
+            vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -191,6 +211,10 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         if request.prompt_token_ids is None:
             return
         ids = list(blocks.get_block_ids()[0]) if num_external_tokens else []
+        if num_external_tokens:
+            ss = self._sstats
+            ss["hit_tokens"] = ss.get("hit_tokens", 0) + num_external_tokens
+            ss["hit_requests"] = ss.get("hit_requests", 0) + 1
         r = _Req(request, request.prompt_token_ids if num_external_tokens else [])
         self._lib.kvrt_sched_after_alloc(self._sched, C.byref(r.c), _i32(ids), len(ids),
                                          request.num_computed_tokens, num_external_tokens)
@@ -269,6 +293,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
                              (C.c_int64 * _lib.MAX_DIMS)(*shape), (C.c_int64 * _lib.MAX_DIMS)(*stride),
                              nm)
             tensors.append(ct)
+            per_block = t.numel() // shape[0] if shape else 0
+            self._track.token_bytes += per_block // bs * t.element_size()
             self._layers[name] = i
         arr = (_lib.Tensor * len(tensors))(*tensors)
         rc = self._lib.kvrt_worker_register(self._worker, arr, len(tensors))
@@ -288,14 +314,18 @@ class KvrtConnectorV1(KVConnectorBase_V1):
                 log.error("kvrt: bind_connector_metadata: %d", rc)
 
     def start_load_kv(self, forward_context, **kwargs):
+        t0 = time.perf_counter_ns()
         rc = self._lib.kvrt_worker_start_load(self._worker)
+        self._track.wait_ns["load_wait_ms"] += time.perf_counter_ns() - t0
         if rc:
             log.error("kvrt: start_load_kv: %d", rc)
 
     def wait_for_layer_load(self, layer_name):
         i = self._layers.get(layer_name)
         if i is not None:
+            t0 = time.perf_counter_ns()
             self._lib.kvrt_worker_wait_layer(self._worker, i)
+            self._track.wait_ns["load_wait_ms"] += time.perf_counter_ns() - t0
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
         i = self._layers.get(layer_name)
@@ -303,7 +333,9 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             self._lib.kvrt_worker_save_layer(self._worker, i)
 
     def wait_for_save(self):
+        t0 = time.perf_counter_ns()
         self._lib.kvrt_worker_wait_save(self._worker)
+        self._track.wait_ns["save_wait_ms"] += time.perf_counter_ns() - t0
 
     def _finished(self):
         ns, nr, nf = C.c_uint32(), C.c_uint32(), C.c_uint32()
@@ -339,9 +371,22 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         return {k: int(getattr(s, k)) for k in _lib.STAT_FIELDS}
 
     def get_kv_connector_stats(self):
-        if KvrtStats is None or self._worker is None:
+        """What changed since the last call (vLLM calls it once a step on
+        each side); None when nothing did."""
+        if KvrtStats is None:
             return None
-        return KvrtStats(data=self.stats())
+        if self._worker is None:
+            data, self._sstats = self._sstats, {}
+        else:
+            data = self._track.delta(self.stats())
+        return KvrtStats(data=data) if data else None
+
+    @staticmethod
+    def _cfg_get(extra, key, default):
+        for k in (key, "kvrt." + key, "lmcache." + key):
+            if k in extra:
+                return extra[k]
+        return default
 
     def flush(self):
         return self._lib.kvrt_worker_flush(self._worker)

@@ -1,0 +1,371 @@
+/* tests/test_lookup_socket.c: connector/lookup_socket.h: the frame codec
+ * (round trips; every truncation and every bad header refused), a server
+ * answering a real engine's lookups from a saved prompt, two ranks that
+ * hold different amounts (the minimum), a rank that is not there and one
+ * that never answers (no hit, within the timeout, never a hang), a stale
+ * socket replaced, a live one kept, 0600 sockets in 0700 directories, and
+ * malformed or truncated frames closing only their connection. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "connector/lookup_socket.h"
+#include "tests/test_pipeline_util.h"
+
+static const struct kt_spec SPEC = {.layout = KVRT_KV_FLASH_ATTN, .order = KT_NHD, .layers = 2,
+				    .nb = 64, .bs = 16, .heads = 2, .hs = 8, .elem = 2};
+
+static struct kvrt_engine_config cfg16(void)
+{
+	return (struct kvrt_engine_config){.chunk_size = 16, .cpu_bytes = 4u << 20, .step_tokens = 64};
+}
+
+static void tmpdir(char *buf, size_t cap)
+{
+	snprintf(buf, cap, "/tmp/kvrt-lsock-test.XXXXXX");
+	cr_assert_not_null(mkdtemp(buf));
+}
+
+static void rmtree(const char *d)
+{
+	char cmd[256];
+	snprintf(cmd, sizeof cmd, "rm -rf '%s'", d);
+	cr_assert_eq(system(cmd), 0);
+}
+
+/* Wait (bounded) until the server's counter reaches want. */
+static uint64_t wait_stat(struct kvrt_lsock_server *s, size_t off, uint64_t want)
+{
+	struct kvrt_lsock_server_stats st;
+	uint64_t v = 0;
+	for (int i = 0; i < 2000; i++) {
+		kvrt_lsock_server_stats(s, &st);
+		memcpy(&v, (const char *)&st + off, sizeof v);
+		if (v >= want)
+			break;
+		usleep(1000);
+	}
+	return v;
+}
+
+static int raw_connect(const char *path)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+	int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(connect(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+	return fd;
+}
+
+Test(lookup_socket, codec_round_trip_and_rejections)
+{
+	uint64_t rng = 0x77;
+	uint32_t tok[37];
+	for (uint32_t i = 0; i < 37; i++)
+		tok[i] = (uint32_t)kvrt_test_rand(&rng);
+	uint8_t b[512], c[512];
+	memset(b, 0xa5, sizeof b);
+	size_t n = kvrt_lsock_encode_lookup(b, sizeof b, 9, 0x1234, 0xabcdef, tok, 37);
+	cr_assert_eq(n, KVRT_LSOCK_HDR + 28 + 4 * 37);
+	cr_assert_eq(kvrt_lsock_encode_lookup(b, n - 1, 9, 1, 2, tok, 37), 0, "must not overflow");
+	struct kvrt_lsock_frame f;
+	size_t total;
+	cr_assert_eq(kvrt_lsock_frame_size(b, n, &total), 0);
+	cr_assert_eq(total, n);
+	cr_assert_eq(kvrt_lsock_decode(b, n, &f), 0);
+	cr_assert(f.type == KVRT_LSOCK_LOOKUP && f.seq == 9 && f.req_id == 0x1234 && f.ns_hash == 0xabcdef &&
+		  f.num_tokens == 37);
+	cr_assert(!memcmp(f.tokens, tok, sizeof tok));
+	/* Every truncation: incomplete by its header, never a whole frame. */
+	for (size_t l = 0; l < n; l++) {
+		int rc = kvrt_lsock_frame_size(b, l, &total);
+		if (l < KVRT_LSOCK_HDR)
+			cr_assert_eq(rc, -EAGAIN, "prefix %zu", l);
+		else
+			cr_assert(!rc && total > l, "prefix %zu", l);
+		cr_assert_eq(kvrt_lsock_decode(b, l, &f), -EBADMSG, "prefix %zu decoded", l);
+	}
+	cr_assert_eq(kvrt_lsock_decode(b, n + 1, &f), -EBADMSG, "trailing byte");
+	/* Every bad header field. */
+	for (int k = 0; k < 4; k++) {
+		memcpy(c, b, n);
+		c[k] ^= 0x20;
+		cr_assert_eq(kvrt_lsock_frame_size(c, n, &total), -EBADMSG, "magic byte %d", k);
+		cr_assert_eq(kvrt_lsock_decode(c, n, &f), -EBADMSG);
+	}
+	uint16_t bad16[] = {0, 2, 0xffff};
+	for (int k = 0; k < 3; k++) {
+		memcpy(c, b, n);
+		memcpy(c + 4, &bad16[k], 2);
+		cr_assert_eq(kvrt_lsock_frame_size(c, n, &total), -EBADMSG, "version %u", bad16[k]);
+		memcpy(c, b, n);
+		uint16_t t = bad16[k] == 2 ? 4 : bad16[k];
+		memcpy(c + 6, &t, 2);
+		cr_assert_eq(kvrt_lsock_frame_size(c, n, &total), -EBADMSG, "type %u", t);
+	}
+	uint32_t bad32[] = {0, 27, 29, 28 + 4 * (KVRT_LSOCK_MAX_TOKENS + 1), 0xffffffffu};
+	for (int k = 0; k < 5; k++) {
+		memcpy(c, b, n);
+		memcpy(c + 8, &bad32[k], 4);
+		cr_assert_eq(kvrt_lsock_frame_size(c, n, &total), -EBADMSG, "length %u", bad32[k]);
+	}
+	/* A length that fits its type but not its count, both ways. */
+	memcpy(c, b, n);
+	uint32_t l4 = 28 + 4 * 36;
+	memcpy(c + 8, &l4, 4);
+	cr_assert_eq(kvrt_lsock_decode(c, n - 4, &f), -EBADMSG, "count beyond length");
+	memcpy(c, b, n);
+	uint32_t cnt = 36;
+	memcpy(c + KVRT_LSOCK_HDR + 24, &cnt, 4);
+	cr_assert_eq(kvrt_lsock_decode(c, n, &f), -EBADMSG, "count short of length");
+	cr_assert_eq(kvrt_lsock_encode_lookup(b, sizeof b, 1, 1, 1, tok, KVRT_LSOCK_MAX_TOKENS + 1), 0);
+	/* Release and answer. */
+	n = kvrt_lsock_encode_release(b, sizeof b, 0x55aa);
+	cr_assert_eq(n, KVRT_LSOCK_RELEASE_BYTES);
+	cr_assert(!kvrt_lsock_decode(b, n, &f) && f.type == KVRT_LSOCK_RELEASE && f.req_id == 0x55aa);
+	for (size_t l = 0; l < n; l++)
+		cr_assert_eq(kvrt_lsock_decode(b, l, &f), -EBADMSG);
+	struct kvrt_lookup_result r = {.tokens_now = 32, .tokens = 48, .chunks_now = 2, .chunks = 3};
+	n = kvrt_lsock_encode_answer(b, sizeof b, 77, -EAGAIN, &r);
+	cr_assert_eq(n, KVRT_LSOCK_ANSWER_BYTES);
+	cr_assert_eq(kvrt_lsock_decode(b, n, &f), 0);
+	cr_assert(f.type == KVRT_LSOCK_ANSWER && f.seq == 77 && f.status == -EAGAIN && f.res.tokens_now == 32 &&
+		  f.res.tokens == 48 && f.res.chunks_now == 2 && f.res.chunks == 3);
+	for (size_t l = 0; l < n; l++)
+		cr_assert_eq(kvrt_lsock_decode(b, l, &f), -EBADMSG);
+	r.tokens_now = 49; /* more now than at all: not an answer */
+	n = kvrt_lsock_encode_answer(b, sizeof b, 77, 0, &r);
+	cr_assert_eq(kvrt_lsock_decode(b, n, &f), -EBADMSG);
+}
+
+Test(lookup_socket, paths_are_private)
+{
+	char d[64], p[128];
+	tmpdir(d, sizeof d);
+	const char *old = getenv("XDG_RUNTIME_DIR");
+	char *saved = old ? strdup(old) : NULL;
+	setenv("XDG_RUNTIME_DIR", d, 1);
+	cr_assert_eq(kvrt_lsock_path(p, sizeof p, "engine-0.a_b", 3, true), 0);
+	char want[128];
+	snprintf(want, sizeof want, "%s/kvrt/engine-0.a_b/rank3.sock", d);
+	cr_assert_str_eq(p, want);
+	struct stat st;
+	snprintf(want, sizeof want, "%s/kvrt", d);
+	cr_assert(!stat(want, &st) && (st.st_mode & 0777) == 0700);
+	snprintf(want, sizeof want, "%s/kvrt/engine-0.a_b", d);
+	cr_assert(!stat(want, &st) && (st.st_mode & 0777) == 0700);
+	/* Odd instances are hashed (no '/', no "..", bounded length). */
+	cr_assert_eq(kvrt_lsock_path(p, sizeof p, "../x/y", 0, false), 0);
+	cr_assert_null(strstr(p, ".."));
+	cr_assert_eq(kvrt_lsock_path(p, sizeof p, "", 0, false), 0);
+	char again[128];
+	cr_assert_eq(kvrt_lsock_path(again, sizeof again, "", 0, false), 0);
+	cr_assert_str_eq(p, again);
+	/* A directory others can enter is refused. */
+	snprintf(want, sizeof want, "%s/kvrt/open", d);
+	cr_assert_eq(mkdir(want, 0755), 0);
+	cr_assert_eq(chmod(want, 0755), 0);
+	cr_assert_eq(kvrt_lsock_path(p, sizeof p, "open", 0, true), -EPERM);
+	/* Too long for a sockaddr_un. */
+	char longdir[200];
+	memset(longdir, 'x', sizeof longdir - 1);
+	longdir[0] = '/';
+	longdir[sizeof longdir - 1] = '\0';
+	setenv("XDG_RUNTIME_DIR", longdir, 1);
+	cr_assert_eq(kvrt_lsock_path(p, sizeof p, "i", 0, false), -ENAMETOOLONG);
+	if (saved)
+		setenv("XDG_RUNTIME_DIR", saved, 1);
+	else
+		unsetenv("XDG_RUNTIME_DIR");
+	free(saved);
+	rmtree(d);
+}
+
+Test(lookup_socket, server_answers_a_saved_prompt)
+{
+	struct prig g;
+	prig_up(&g, &SPEC, cfg16(), 11);
+	struct preq a, other;
+	preq_make(&g, &a, 1, 3 * 16 + 5, NULL, 0);
+	preq_make(&g, &other, 2, 40, NULL, 0);
+	struct preq *r[] = {&a};
+	prig_save(&g, r, 1);
+	char d[64], path[128];
+	tmpdir(d, sizeof d);
+	snprintf(path, sizeof path, "%s/rank0.sock", d);
+	struct kvrt_lsock_server *srv;
+	cr_assert_eq(kvrt_lsock_server_start(&srv, g.e, path), 0);
+	struct stat st;
+	cr_assert_eq(stat(path, &st), 0);
+	cr_assert(S_ISSOCK(st.st_mode));
+	cr_assert_eq(st.st_mode & 0777, 0600, "socket mode %o", st.st_mode & 0777);
+	/* A second server on a live socket is refused; a regular file is kept. */
+	struct kvrt_lsock_server *dup;
+	cr_assert_eq(kvrt_lsock_server_start(&dup, g.e, path), -EADDRINUSE);
+	char fpath[128];
+	snprintf(fpath, sizeof fpath, "%s/file", d);
+	FILE *fp = fopen(fpath, "w");
+	cr_assert_not_null(fp);
+	fclose(fp);
+	cr_assert_eq(kvrt_lsock_server_start(&dup, g.e, fpath), -EEXIST);
+
+	const char *paths[] = {path};
+	struct kvrt_lsock_client *c;
+	cr_assert_eq(kvrt_lsock_client_create(&c, paths, 1, 2000), 0);
+	struct kvrt_lookup_result res;
+	memset(&res, 0xee, sizeof res);
+	cr_assert_eq(kvrt_lsock_client_lookup(c, 100, g.ns, a.tok, a.T, &res), 0);
+	cr_assert_eq(res.tokens, 48u, "three whole chunks (no tail saved)");
+	cr_assert_eq(res.tokens_now, 48u);
+	cr_assert_eq(res.chunks, 3u);
+	memset(&res, 0xee, sizeof res);
+	cr_assert_eq(kvrt_lsock_client_lookup(c, 101, g.ns, other.tok, other.T, &res), 0);
+	cr_assert_eq(res.tokens, 0u, "other tokens miss");
+	cr_assert_eq(kvrt_lsock_client_lookup(c, 102, g.ns ^ 1, a.tok, a.T, &res), 0);
+	cr_assert_eq(res.tokens, 0u, "another namespace misses");
+	struct kvrt_engine_stats es;
+	kvrt_engine_stats(g.e, &es);
+	cr_assert_eq(es.pinned, 3u, "request 100 pins its three chunks");
+	kvrt_lsock_client_release(c, 100);
+	cr_assert_eq(wait_stat(srv, offsetof(struct kvrt_lsock_server_stats, releases), 1), 1u);
+	kvrt_engine_stats(g.e, &es);
+	cr_assert_eq(es.pinned, 0u, "the release reached the engine");
+
+	/* Garbage, a truncated frame, an oversized length: each closes only its
+	 * own connection, counted; the client goes on. */
+	int fd = raw_connect(path);
+	cr_assert_eq(write(fd, "GET / HTTP/1.0\r\n\r\n", 18), 18);
+	char x;
+	cr_assert_eq(read(fd, &x, 1), 0, "closed by the server");
+	close(fd);
+	uint8_t b[512];
+	size_t n = kvrt_lsock_encode_lookup(b, sizeof b, 1, 5, g.ns, a.tok, 20);
+	fd = raw_connect(path);
+	cr_assert_eq(write(fd, b, n - 3), (ssize_t)(n - 3));
+	close(fd);
+	uint32_t huge = 0xfffffff0u;
+	memcpy(b + 8, &huge, 4);
+	fd = raw_connect(path);
+	cr_assert_eq(write(fd, b, KVRT_LSOCK_HDR), (ssize_t)KVRT_LSOCK_HDR);
+	cr_assert_eq(read(fd, &x, 1), 0, "closed by the server");
+	close(fd);
+	cr_assert_eq(wait_stat(srv, offsetof(struct kvrt_lsock_server_stats, malformed), 3), 3u);
+	cr_assert_eq(kvrt_lsock_client_lookup(c, 103, g.ns, a.tok, a.T, &res), 0);
+	cr_assert_eq(res.tokens, 48u);
+	kvrt_lsock_client_release(c, 103);
+	/* Two frames in one write are both served. */
+	fd = raw_connect(path);
+	n = kvrt_lsock_encode_lookup(b, sizeof b, 7, 104, g.ns, a.tok, 32);
+	size_t n2 = kvrt_lsock_encode_release(b + n, sizeof b - n, 104);
+	cr_assert_eq(write(fd, b, n + n2), (ssize_t)(n + n2));
+	uint8_t ans[KVRT_LSOCK_ANSWER_BYTES];
+	size_t got = 0;
+	while (got < sizeof ans) {
+		ssize_t k = read(fd, ans + got, sizeof ans - got);
+		cr_assert_gt(k, 0);
+		got += (size_t)k;
+	}
+	struct kvrt_lsock_frame f;
+	cr_assert_eq(kvrt_lsock_decode(ans, sizeof ans, &f), 0);
+	cr_assert(f.seq == 7 && f.status == 0 && f.res.tokens == 32);
+	close(fd);
+	cr_assert_geq(wait_stat(srv, offsetof(struct kvrt_lsock_server_stats, releases), 3), 3u);
+	kvrt_engine_stats(g.e, &es);
+	cr_assert_eq(es.pinned, 0u);
+
+	kvrt_lsock_client_destroy(c);
+	kvrt_lsock_server_stop(srv);
+	cr_assert_neq(access(path, F_OK), 0, "the socket is unlinked");
+	preq_fini(&g, &a);
+	preq_fini(&g, &other);
+	prig_down(&g);
+	rmtree(d);
+}
+
+Test(lookup_socket, two_ranks_minimum_dead_and_silent_ranks)
+{
+	struct prig g0, g1;
+	prig_up(&g0, &SPEC, cfg16(), 21);
+	prig_up(&g1, &SPEC, cfg16(), 21); /* same namespace */
+	struct preq a, b;
+	preq_make(&g0, &a, 1, 4 * 16, NULL, 0);
+	preq_make(&g1, &b, 1, 2 * 16, &a, 2 * 16); /* a's first two chunks */
+	struct preq *r0[] = {&a}, *r1[] = {&b};
+	prig_save(&g0, r0, 1);
+	prig_save(&g1, r1, 1);
+	char d[64], p0[128], p1[128];
+	tmpdir(d, sizeof d);
+	snprintf(p0, sizeof p0, "%s/rank0.sock", d);
+	snprintf(p1, sizeof p1, "%s/rank1.sock", d);
+	struct kvrt_lsock_server *s0, *s1;
+	cr_assert_eq(kvrt_lsock_server_start(&s0, g0.e, p0), 0);
+	cr_assert_eq(kvrt_lsock_server_start(&s1, g1.e, p1), 0);
+	const char *paths[] = {p0, p1};
+	struct kvrt_lsock_client *c;
+	cr_assert_eq(kvrt_lsock_client_create(&c, paths, 2, 300), 0);
+	struct kvrt_lookup_result res;
+	cr_assert_eq(kvrt_lsock_client_lookup(c, 7, g0.ns, a.tok, a.T, &res), 0);
+	cr_assert_eq(res.tokens, 32u, "the minimum over ranks");
+	cr_assert_eq(res.chunks, 2u);
+	kvrt_lsock_client_release(c, 7);
+
+	/* Rank 1 goes away: no socket at all. No hit, at once. */
+	kvrt_lsock_server_stop(s1);
+	uint64_t t0 = kvrt_now_ns();
+	cr_assert_neq(kvrt_lsock_client_lookup(c, 8, g0.ns, a.tok, a.T, &res), 0);
+	cr_assert_eq(res.tokens, 0u);
+	cr_assert_lt(kvrt_now_ns() - t0, 300000000ull, "a missing rank costs no timeout");
+	kvrt_lsock_client_release(c, 8);
+
+	/* Rank 1 accepts (the backlog does) but never answers. */
+	int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	memcpy(sa.sun_path, p1, strlen(p1) + 1);
+	cr_assert_eq(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+	cr_assert_eq(listen(fd, 8), 0);
+	t0 = kvrt_now_ns();
+	cr_assert_neq(kvrt_lsock_client_lookup(c, 9, g0.ns, a.tok, a.T, &res), 0);
+	uint64_t dt = kvrt_now_ns() - t0;
+	cr_assert_eq(res.tokens, 0u);
+	cr_assert_geq(dt, 290000000ull, "waited its timeout");
+	cr_assert_lt(dt, 3000000000ull, "but not much longer");
+	/* Backed off: the next lookup answers no hit without waiting. */
+	t0 = kvrt_now_ns();
+	cr_assert_neq(kvrt_lsock_client_lookup(c, 10, g0.ns, a.tok, a.T, &res), 0);
+	cr_assert_eq(res.tokens, 0u);
+	cr_assert_lt(kvrt_now_ns() - t0, 200000000ull);
+	kvrt_lsock_client_release(c, 9);
+	kvrt_lsock_client_release(c, 10);
+	kvrt_lsock_client_destroy(c);
+
+	/* The silent listener dies, leaving its file: a new server replaces it. */
+	close(fd);
+	cr_assert_eq(access(p1, F_OK), 0);
+	cr_assert_eq(kvrt_lsock_server_start(&s1, g1.e, p1), 0);
+	cr_assert_eq(kvrt_lsock_client_create(&c, paths, 2, 2000), 0);
+	cr_assert_eq(kvrt_lsock_client_lookup(c, 11, g0.ns, a.tok, a.T, &res), 0);
+	cr_assert_eq(res.tokens, 32u);
+	kvrt_lsock_client_release(c, 11);
+	cr_assert_geq(wait_stat(s1, offsetof(struct kvrt_lsock_server_stats, releases), 1), 1u);
+	cr_assert_geq(wait_stat(s0, offsetof(struct kvrt_lsock_server_stats, releases), 5), 5u);
+	kvrt_lsock_client_destroy(c);
+	kvrt_lsock_server_stop(s0);
+	kvrt_lsock_server_stop(s1);
+	struct kvrt_engine_stats es;
+	kvrt_engine_stats(g0.e, &es);
+	cr_assert_eq(es.pinned, 0u);
+	kvrt_engine_stats(g1.e, &es);
+	cr_assert_eq(es.pinned, 0u);
+	preq_fini(&g0, &a);
+	preq_fini(&g1, &b);
+	prig_down(&g0);
+	prig_down(&g1);
+	rmtree(d);
+}
