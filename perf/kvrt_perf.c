@@ -93,6 +93,13 @@ void kvrt_perf_fig(struct kvrt_perf *p, const struct kvrt_perf_figure *f)
 			fprintf(stderr, "kvrt-perf: out of memory\n");
 			exit(2);
 		}
+		/* The records moved: re-point each figure at its own copies. */
+		for (size_t i = 0; i < s->nfigs; i++) {
+			struct fig_rec *o = &s->figs[i];
+			o->f.name = o->name;
+			o->f.unit = o->unit;
+			o->f.limit_name = o->f.limit_name ? o->limit_name : NULL;
+		}
 	}
 	struct fig_rec *r = &s->figs[s->nfigs++];
 	r->f = *f;
