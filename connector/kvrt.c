@@ -244,7 +244,7 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 		.remote_lookup_wait_ms = c->lookup_timeout_ms < 5 ? c->lookup_timeout_ms : 0,
 	};
 	/* mailbox_size: the engine sizes its actors' mailboxes itself (see
-	 * README-connector.md); the key is checked and logged, not applied. */
+	 * README.md); the key is checked and logged, not applied. */
 	if (c->trace[0]) {
 		int trc = kvrt_trace_start(c->trace);
 		if (!trc)
