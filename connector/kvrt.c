@@ -1119,6 +1119,11 @@ static int rt_add(struct kvrt_sched *s, size_t *nrt, uint64_t hash, uint64_t ns,
 {
 	for (size_t i = 0; i < *nrt; i++)
 		if (s->rt[i].hash == hash) {
+			/* A load's entry carries its hit as the prompt; a save's
+			 * carries the real prompt, which the engine's save range
+			 * is clipped to: keep the longer. */
+			if (prompt > s->rt[i].prompt)
+				s->rt[i].prompt = prompt;
 			if (ntok > s->rt[i].ntok) {
 				s->rt[i].ntok = ntok;
 				s->rt[i].tok = tok;

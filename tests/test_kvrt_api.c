@@ -2,7 +2,8 @@
  * scheduler and a worker of one instance save a request's KV, a second
  * request with the same tokens hits, loads it into other blocks byte for
  * byte; another cache_salt misses; a corrupted chunk becomes load errors;
- * no pins remain. Plus the error paths a user can hit. */
+ * no pins remain; a request that hits saves its chunks beyond the hit.
+ * Plus the error paths a user can hit. */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <stdlib.h>
@@ -156,6 +157,73 @@ Test(kvrt_api, hit_loads_same_bytes_salt_misses_no_pins)
 	kvrt_worker_stats(g.w, &st);
 	cr_assert_eq(st.pinned, 0u);
 	cr_assert_eq(st.load_chunks, 2u);
+	rig_down(&g);
+}
+
+/* One request from lookup to its blocks' release: loads its hit into blk,
+ * computes and saves the rest of its prompt (all of it computed in one
+ * step). Returns the hit. */
+static uint32_t serve(struct rig *g, const char *id, const uint32_t *tok, uint32_t ntok,
+		      const int32_t *blk, uint32_t nblk)
+{
+	struct kvrt_request r = {.id = id, .id_len = (uint32_t)strlen(id), .tokens = tok,
+				 .num_tokens = ntok, .total_tokens = ntok, .prompt_tokens = ntok};
+	uint32_t hit;
+	bool as;
+	cr_assert_eq(kvrt_sched_lookup(g->s, &r, 0, &hit, &as), 0);
+	cr_assert_eq(kvrt_sched_after_alloc(g->s, &r, blk, nblk, 0, hit), 0);
+	cr_assert_eq(kvrt_sched_save_need(g->s, id, r.id_len, ntok, ntok), ntok / BS * BS);
+	struct kvrt_sched_req sr = {.req = r, .num_computed = ntok, .block_ids = blk, .num_blocks = nblk};
+	const void *m;
+	size_t len;
+	cr_assert_eq(kvrt_sched_build_meta(g->s, &(struct kvrt_sched_step){&sr, 1, NULL, 0}, &m, &len), 0);
+	step(g, m, len);
+	int64_t errs[8];
+	cr_assert_eq(kvrt_worker_load_errors(g->w, errs, 8), 0u);
+	bool delay;
+	cr_assert_eq(kvrt_sched_finished(g->s, id, r.id_len, &delay), 0);
+	cr_assert_eq(kvrt_sched_build_meta(g->s, &(struct kvrt_sched_step){0}, &m, &len), 0);
+	step(g, m, len);
+	cr_assert_eq(kvrt_worker_flush(g->w), 0);
+	uint8_t buf[256];
+	uint32_t ns, nr, nf;
+	cr_assert_eq(kvrt_worker_get_finished(g->w, buf, sizeof buf, &ns, &nr, &nf), 0);
+	cr_assert_eq(ns, delay ? 1u : 0u);
+	return hit;
+}
+
+/* A request that hits (and loads) a cached prefix saves its own new chunks
+ * beyond the hit: the next round hits its whole history. */
+Test(kvrt_api, hit_request_saves_chunks_beyond_its_hit)
+{
+	struct rig g;
+	rig_up(&g, "t-rounds");
+	uint32_t tok[5 * BS];
+	for (uint32_t i = 0; i < 5 * BS; i++)
+		tok[i] = 3000 + i * 11;
+	int32_t ablk[2] = {1, 2}, bblk[4] = {4, 5, 6, 7}, cblk[5] = {10, 11, 12, 13, 14};
+	struct kvrt_stats st;
+	cr_assert_eq(serve(&g, "A", tok, 2 * BS, ablk, 2), 0u);
+	kvrt_worker_stats(g.w, &st);
+	cr_assert_eq(st.save_chunks, 2u);
+	/* B = A + 2 chunks: hits A's 2, loads them, saves its 2 new ones. */
+	cr_assert_eq(serve(&g, "B", tok, 4 * BS, bblk, 4), 2 * BS);
+	kvrt_worker_stats(g.w, &st);
+	cr_assert_eq(st.load_chunks, 2u);
+	cr_assert_eq(st.save_chunks, 4u, "B saved %llu chunks beyond its hit, not 2",
+		     (unsigned long long)(st.save_chunks - 2));
+	/* C = B + 1 chunk: hits all 4, with B's bytes. */
+	cr_assert_eq(serve(&g, "C", tok, 5 * BS, cblk, 5), 4 * BS);
+	kvrt_worker_stats(g.w, &st);
+	cr_assert_eq(st.load_chunks, 6u);
+	cr_assert_eq(st.save_chunks, 5u);
+	cr_assert_eq(st.pinned, 0u);
+	for (int l = 0; l < 2; l++)
+		for (uint32_t t = 2 * BS; t < 4 * BS; t++)
+			for (uint32_t h = 0; h < H; h++)
+				cr_assert_eq(memcmp(slot(&g, l, (uint32_t)cblk[t / BS], h, t % BS),
+						    slot(&g, l, (uint32_t)bblk[t / BS], h, t % BS), 2 * D * 4), 0,
+					     "layer %d token %u head %u differs", l, t, h);
 	rig_down(&g);
 }
 
