@@ -143,6 +143,11 @@ int kvrt_engine_create(struct kvrt_engine **out, const struct kvrt_engine_config
 			   KVRT_CHUNK_MAX_TOKENS);
 		return -EINVAL;
 	}
+	if (cfg->mailbox_size && (cfg->mailbox_size < 4 || (cfg->mailbox_size & (cfg->mailbox_size - 1)))) {
+		kvrt_error("engine: mailbox_size %u (accepted: a power of two >= 4, 0 = defaults)",
+			   cfg->mailbox_size);
+		return -EINVAL;
+	}
 	struct kvrt_engine *e = calloc(1, sizeof(*e));
 	if (!e)
 		return -ENOMEM;
@@ -273,7 +278,8 @@ int kvrt_engine_register(struct kvrt_engine *e, const struct kvrt_kv_tensor *t, 
 					       .remote_url = e->remote_url,
 					       .remote_timeout_ms = e->cfg.remote_timeout_ms,
 					       .remote_ttl_s = e->cfg.remote_ttl_s,
-					       .remote_max_pending_writes = e->cfg.remote_max_pending_writes});
+					       .remote_max_pending_writes = e->cfg.remote_max_pending_writes,
+					       .mailbox_size = e->cfg.mailbox_size});
 	if (rc)
 		goto err_pool;
 	if (kvrt_evict_has_remote(e->ev)) {
@@ -848,6 +854,17 @@ int kvrt_engine_flush(struct kvrt_engine *e)
 }
 
 /* --- any thread ---------------------------------------------------------------- */
+
+int kvrt_engine_reset(struct kvrt_engine *e, uint64_t *dropped, uint64_t *kept)
+{
+	if (dropped)
+		*dropped = 0;
+	if (kept)
+		*kept = 0;
+	if (!e->ev)
+		return 0;
+	return kvrt_evict_clear(e->ev, dropped, kept);
+}
 
 #define GET(f) atomic_load_explicit(&e->f, memory_order_relaxed)
 

@@ -100,6 +100,10 @@ struct kvrt_engine_config {
 	bool verify_checksums;       /* checksum chunks when saved, verify on load */
 	uint32_t step_tokens;        /* copy-plan rows preallocated per step; 0 = 65536
 				      * (grows when a step needs more) */
+	uint32_t mailbox_size;       /* actor mailbox slots, power of two (>= 4),
+				      * for the lookup, load, save and evict actors
+				      * (save keeps at least 4 x (layers + 8));
+				      * 0 = each actor's default (1024, 64, 64, 4096) */
 	/* Test instrumentation: called on a backend thread when layer l of a
 	 * step's loads has been scattered (the stream reached that point).
 	 * NULL: none (the default; costs nothing). */
@@ -285,6 +289,14 @@ size_t kvrt_engine_load_errors(struct kvrt_engine *e, int64_t *out, size_t cap);
 int kvrt_engine_flush(struct kvrt_engine *e);
 
 /* --- any thread ------------------------------------------------------------ */
+
+/* Drop everything cached that nobody uses (vLLM's reset_cache): every index
+ * entry neither pinned (a request's lookup, a load) nor in flight (disk or
+ * Redis write, promotion) is retired (kvrt_evict_clear: CPU slabs freed,
+ * disk copies removed, Redis left as it is). Saves still in the pipeline
+ * may land after it. *dropped / *kept (NULL ok): entries retired / left.
+ * 0 (nothing registered yet: 0 and 0), or kvrt_evict_clear's error. */
+int kvrt_engine_reset(struct kvrt_engine *e, uint64_t *dropped, uint64_t *kept);
 
 void kvrt_engine_stats(struct kvrt_engine *e, struct kvrt_engine_stats *out);
 

@@ -691,6 +691,77 @@ static void on_reindex(struct kvrt_evict *ev, struct kvrt_msg *m)
 	}
 }
 
+/* Scratch for CLEAR: the live entries, gathered before any is retired
+ * (kvrt_index_foreach may not see the set change under it). */
+struct _clear_vec {
+	struct kvrt_index_entry **v; /* entries */
+	size_t n, cap;               /* used, allocated */
+	bool oom;                    /* some entry was not gathered */
+};
+
+static void clear_gather(struct kvrt_index_entry *e, void *arg)
+{
+	struct _clear_vec *cv = arg;
+	if (cv->n == cv->cap) {
+		size_t cap = cv->cap ? 2 * cv->cap : 1024;
+		struct kvrt_index_entry **v = realloc(cv->v, cap * sizeof(*v));
+		if (!v) {
+			cv->oom = true;
+			return;
+		}
+		cv->v = v;
+		cv->cap = cap;
+	}
+	cv->v[cv->n++] = e;
+}
+
+/* Retire what is neither pinned nor in flight; value[0] = dropped,
+ * value[1] = kept. Entries are only freed after the index's grace period
+ * (kvrt_index_reclaim in housekeeping), so they stay readable here after
+ * their retirement. */
+static int on_clear(struct kvrt_evict *ev, uint64_t *dropped, uint64_t *kept)
+{
+	lost_sweep(ev); /* F_LOST entries left after it are pinned or being read */
+	struct _clear_vec cv = {0};
+	kvrt_index_foreach(ev->idx, clear_gather, &cv);
+	if (cv.oom) {
+		free(cv.v);
+		return -ENOMEM;
+	}
+	uint64_t d = 0, k = 0;
+	for (size_t i = 0; i < cv.n; i++) {
+		struct kvrt_index_entry *e = cv.v[i];
+		/* acquire: a pin seen here is a reader's (the retire CAS below
+		 * decides races with pins taken after this load). */
+		uint64_t st = atomic_load_explicit(&e->state, memory_order_acquire);
+		if (kvrt_index_state_pins(st) ||
+		    (e->flags & (KVRT_INDEX_F_WRITING | KVRT_INDEX_F_READING | F_RWRITING | F_LOST))) {
+			k++;
+			continue;
+		}
+		bool cpu = kvrt_index_entry_tier(e) == KVRT_TIER_CPU;
+		/* A CPU entry not in flight is in the policy (victims of a pass
+		 * are put back before its handler ends). */
+		if (cpu)
+			kvrt_policy_remove(ev->pol, e);
+		if (!retire(ev, e)) {
+			/* A reader pinned it meanwhile: it stays, as recent. */
+			if (cpu)
+				kvrt_policy_insert(ev->pol, e);
+			k++;
+			continue;
+		}
+		rl_remove(ev, e);
+		if (cpu)
+			INC(ev, evicted);
+		d++;
+	}
+	free(cv.v);
+	*dropped = d;
+	*kept = k;
+	return 0;
+}
+
 static void housekeeping(struct kvrt_evict *ev)
 {
 	if (ev->cfg.pin_timeout_ns) {
@@ -743,6 +814,15 @@ static void handle(struct kvrt_actor *a, struct kvrt_msg *m)
 		break;
 	case KVRT_EVICT_SYNC:
 		break;
+	case KVRT_EVICT_CLEAR: {
+		uint64_t d = 0, k = 0;
+		status = on_clear(ev, &d, &k);
+		if (m->reply) {
+			m->reply->value[0] = d;
+			m->reply->value[1] = k;
+		}
+		break;
+	}
 	case _MSG_REINDEX:
 		on_reindex(ev, m);
 		break;
@@ -829,6 +909,7 @@ static const char *msg_name(uint32_t type)
 	case KVRT_EVICT_PROMOTE: return "promote";
 	case KVRT_EVICT_RUN: return "run";
 	case KVRT_EVICT_SYNC: return "sync";
+	case KVRT_EVICT_CLEAR: return "clear";
 	case _MSG_REINDEX: return "reindex";
 	case _MSG_DETACH: return "detach";
 	case _MSG_ATTACH_REMOTE: return "attach_remote";
@@ -1064,6 +1145,19 @@ int kvrt_evict_remote_find(struct kvrt_evict *ev, const struct kvrt_chunk_key *k
 		return -EAGAIN;
 	}
 	return 0;
+}
+
+int kvrt_evict_clear(struct kvrt_evict *ev, uint64_t *dropped, uint64_t *kept)
+{
+	struct kvrt_msg m = {.type = KVRT_EVICT_CLEAR};
+	struct kvrt_completion c;
+	kvrt_completion_init(&c);
+	int rc = kvrt_actor_call(ev->actor, &m, &c, 5000000000ull);
+	if (dropped)
+		*dropped = rc ? 0 : c.value[0];
+	if (kept)
+		*kept = rc ? 0 : c.value[1];
+	return rc;
 }
 
 bool kvrt_evict_has_remote(const struct kvrt_evict *ev)

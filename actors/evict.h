@@ -124,6 +124,7 @@ enum kvrt_evict_msg {
 	KVRT_EVICT_RUN,         /* run an eviction pass now; reply when done */
 	KVRT_EVICT_SYNC,        /* reply once everything posted before is handled */
 	KVRT_EVICT_REMOTE_FIND, /* EXISTS a key list in Redis; index what it holds */
+	KVRT_EVICT_CLEAR,       /* retire every entry not pinned nor in flight */
 	KVRT_EVICT_DISK_BASE = 64, /* + enum kvrt_disk_event (disk completions) */
 	KVRT_EVICT_REMOTE_BASE = 80, /* + enum kvrt_remote_event (remote completions) */
 };
@@ -162,6 +163,15 @@ int kvrt_evict_promote(struct kvrt_evict *ev, struct kvrt_chunk_key key, struct 
  * (0, -EAGAIN, -ESHUTDOWN). Any thread. */
 int kvrt_evict_remote_find(struct kvrt_evict *ev, const struct kvrt_chunk_key *keys, uint32_t n,
 			   uint32_t num_tokens, uint32_t last_tokens, struct kvrt_completion *c);
+/* Retire every index entry that is neither pinned nor in flight (a disk
+ * write, a Redis write-behind or a promotion running): CPU entries free
+ * their slab, entries with a disk copy remove it (kvrt_disk_remove), REMOTE
+ * entries are only forgotten here (the shared Redis data stays, and chunks
+ * in Redis stay reachable to later lookups). Waits for the actor (5 s post
+ * deadline). *dropped / *kept (either may be NULL): entries retired / left
+ * because pinned or in flight. 0, -ENOMEM, or the post's error (-ETIMEDOUT,
+ * -ESHUTDOWN). Any thread but the actor's own. */
+int kvrt_evict_clear(struct kvrt_evict *ev, uint64_t *dropped, uint64_t *kept);
 /* Whether a remote tier is configured. */
 bool kvrt_evict_has_remote(const struct kvrt_evict *ev);
 /* Run an eviction pass and wait for it (tests, after releasing pins). */

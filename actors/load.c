@@ -621,7 +621,7 @@ int _kvrt_load_create(struct kvrt_engine *e, struct kvrt_load **out)
 		    (rc = kvrt_event_create(e->dev, &l->plan_ev[k])))
 			goto err;
 	}
-	uint32_t mb = 64;
+	uint32_t mb = e->cfg.mailbox_size ? e->cfg.mailbox_size : 64;
 	rc = kvrt_actor_create(&l->actor, &(struct kvrt_actor_config){
 						      .name = "load", .mailbox_size = mb, .ops = &load_ops, .data = l});
 	if (rc)

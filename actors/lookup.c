@@ -250,7 +250,7 @@ int _kvrt_lookup_create(struct kvrt_engine *e, struct kvrt_lookup **out)
 		return -ENOMEM;
 	l->e = e;
 	int rc = kvrt_actor_create(&l->actor, &(struct kvrt_actor_config){
-						      .name = "lookup", .mailbox_size = 1024, .ops = &lookup_ops, .data = l});
+						      .name = "lookup", .mailbox_size = e->cfg.mailbox_size ? e->cfg.mailbox_size : 1024, .ops = &lookup_ops, .data = l});
 	if (rc) {
 		free(l);
 		return rc;

@@ -352,8 +352,9 @@ int _kvrt_save_create(struct kvrt_engine *e, struct kvrt_save **out)
 		    (rc = kvrt_event_create(e->dev, &s->plan_ev[k])))
 			goto err;
 	}
-	/* A step posts BEGIN, one message per layer, END, and SAVE_DONE. */
-	uint32_t mb = 64;
+	/* A step posts BEGIN, one message per layer, END, and SAVE_DONE:
+	 * never fewer slots than that, whatever mailbox_size says. */
+	uint32_t mb = e->cfg.mailbox_size ? e->cfg.mailbox_size : 64;
 	while (mb < 4 * (e->L + 8))
 		mb *= 2;
 	rc = kvrt_actor_create(&s->actor, &(struct kvrt_actor_config){

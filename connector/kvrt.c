@@ -242,9 +242,10 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 		.remote_url = c->remote_url[0] ? c->remote_url : NULL,
 		.remote_timeout_ms = c->lookup_timeout_ms,
 		.remote_lookup_wait_ms = c->lookup_timeout_ms < 5 ? c->lookup_timeout_ms : 0,
+		/* Checked a power of two by config.h; the engine applies it to
+		 * the evict actor's mailbox (actors/engine.h). */
+		.mailbox_size = c->mailbox_size,
 	};
-	/* mailbox_size: the engine sizes its actors' mailboxes itself (see
-	 * README.md); the key is checked and logged, not applied. */
 	if (c->trace[0]) {
 		int trc = kvrt_trace_start(c->trace);
 		if (!trc)
@@ -927,6 +928,20 @@ void kvrt_sched_destroy(struct kvrt_sched *s)
 	free(s->dtype);
 	pthread_mutex_destroy(&s->mu);
 	free(s);
+}
+
+int kvrt_sched_reset_cache(struct kvrt_sched *s)
+{
+	uint64_t dropped = 0, kept = 0;
+	pthread_rwlock_rdlock(&reg_lock);
+	struct kvrt_worker *w = reg_find(s->instance);
+	int rc = w ? kvrt_engine_reset(w->e, &dropped, &kept) : -ENODEV;
+	pthread_rwlock_unlock(&reg_lock);
+	if (rc)
+		return rc;
+	kvrt_info("kvrt: reset_cache '%s': %llu chunk(s) dropped, %llu kept (pinned or in flight)",
+		  s->instance, (unsigned long long)dropped, (unsigned long long)kept);
+	return kept ? -EBUSY : 0;
 }
 
 bool kvrt_sched_sees_worker(struct kvrt_sched *s)

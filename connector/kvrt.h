@@ -291,6 +291,15 @@ KVRT_API int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched
 KVRT_API int kvrt_sched_finished(struct kvrt_sched *s, const char *id, uint32_t id_len,
 				 bool *delay_free);
 
+/* vLLM's reset_cache: drop every chunk the worker of this process caches
+ * that no request uses (kvrt_engine_reset: CPU and local disk copies go;
+ * Redis is shared and left as it is). 0 (all dropped), -EBUSY (dropped
+ * what it could; some chunks were kept, pinned by requests in flight),
+ * -ENODEV (the workers are in other processes: nothing is reset; the
+ * Python shim then returns False and logs once), or the engine's error.
+ * Any thread. */
+KVRT_API int kvrt_sched_reset_cache(struct kvrt_sched *s);
+
 /* True when the worker is visible in this process (lookups can hit). */
 KVRT_API bool kvrt_sched_sees_worker(struct kvrt_sched *s);
 

@@ -2,7 +2,9 @@
  * scheduler and a worker of one instance save a request's KV, a second
  * request with the same tokens hits, loads it into other blocks byte for
  * byte; another cache_salt misses; a corrupted chunk becomes load errors;
- * no pins remain; a request that hits saves its chunks beyond the hit.
+ * no pins remain; a request that hits saves its chunks beyond the hit;
+ * reset_cache drops what no request pins (the rest is kept and reported);
+ * a small mailbox_size works.
  * Plus the error paths a user can hit. */
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -25,8 +27,10 @@ struct rig {
 	struct kvrt_sched *s;
 };
 
-static const char *K[] = {"chunk_size", "max_local_cpu_size", "device"};
-static const char *V[] = {"16", "0.01", "host"};
+/* The first 3 keys everywhere; the 4th (a small mailbox_size) where a
+ * test asks for it. */
+static const char *K[] = {"chunk_size", "max_local_cpu_size", "device", "mailbox_size"};
+static const char *V[] = {"16", "0.01", "host", "64"};
 
 static struct kvrt_options opts(const char *inst)
 {
@@ -34,10 +38,11 @@ static struct kvrt_options opts(const char *inst)
 				     .block_size = BS, .keys = K, .values = V, .num_keys = 3};
 }
 
-static void rig_up(struct rig *g, const char *inst)
+static void rig_up_keys(struct rig *g, const char *inst, uint32_t num_keys)
 {
 	char err[256];
 	struct kvrt_options o = opts(inst);
+	o.num_keys = num_keys;
 	uint64_t rng = 0x1234;
 	for (int l = 0; l < 2; l++) {
 		size_t n = (size_t)NB * H * BS * 2 * D;
@@ -51,6 +56,11 @@ static void rig_up(struct rig *g, const char *inst)
 	cr_assert_eq(kvrt_sched_create(&g->s, &o, err, sizeof err), 0, "%s", err);
 	cr_assert_eq(kvrt_worker_create(&g->w, &o, err, sizeof err), 0, "%s", err);
 	cr_assert_eq(kvrt_worker_register(g->w, g->t, 2), 0);
+}
+
+static void rig_up(struct rig *g, const char *inst)
+{
+	rig_up_keys(g, inst, 3);
 }
 
 static void rig_down(struct rig *g)
@@ -116,7 +126,8 @@ static void save_a(struct rig *g, const uint32_t *tok, const int32_t *ablk)
 Test(kvrt_api, hit_loads_same_bytes_salt_misses_no_pins)
 {
 	struct rig g;
-	rig_up(&g, "t-hit");
+	/* mailbox_size = 64: the worker's evict actor runs on a small mailbox. */
+	rig_up_keys(&g, "t-hit", 4);
 	uint32_t tok[T];
 	for (uint32_t i = 0; i < T; i++)
 		tok[i] = 1000 + i * 7;
@@ -157,6 +168,39 @@ Test(kvrt_api, hit_loads_same_bytes_salt_misses_no_pins)
 	kvrt_worker_stats(g.w, &st);
 	cr_assert_eq(st.pinned, 0u);
 	cr_assert_eq(st.load_chunks, 2u);
+	rig_down(&g);
+}
+
+Test(kvrt_api, reset_cache_drops_unpinned_keeps_pinned)
+{
+	struct rig g;
+	rig_up(&g, "t-reset");
+	uint32_t tok[T];
+	for (uint32_t i = 0; i < T; i++)
+		tok[i] = 3000 + i * 11;
+	int32_t ablk[3] = {1, 2, 3};
+	save_a(&g, tok, ablk);
+	struct kvrt_request b = req("B", tok, NULL), e = req("E", tok, NULL), f = req("F", tok, NULL);
+	uint32_t n;
+	bool as, delay;
+	/* B's lookup pins both chunks: reset keeps them and says so. */
+	cr_assert_eq(kvrt_sched_lookup(g.s, &b, 0, &n, &as), 0);
+	cr_assert_eq(n, 32u);
+	cr_assert_eq(kvrt_sched_reset_cache(g.s), -EBUSY);
+	cr_assert_eq(kvrt_sched_lookup(g.s, &e, 0, &n, &as), 0);
+	cr_assert_eq(n, 32u, "pinned chunks survive a reset");
+	cr_assert_eq(kvrt_sched_finished(g.s, "B", 1, &delay), 0);
+	cr_assert_eq(kvrt_sched_finished(g.s, "E", 1, &delay), 0);
+	cr_assert_eq(kvrt_worker_flush(g.w), 0);
+	struct kvrt_stats st;
+	kvrt_worker_stats(g.w, &st);
+	cr_assert_eq(st.pinned, 0u);
+	/* Nothing pinned: everything goes, and the prompt misses. */
+	cr_assert_eq(kvrt_sched_reset_cache(g.s), 0);
+	cr_assert_eq(kvrt_sched_lookup(g.s, &f, 0, &n, &as), 0);
+	cr_assert_eq(n, 0u, "a reset cache misses");
+	cr_assert_eq(kvrt_sched_finished(g.s, "F", 1, &delay), 0);
+	cr_assert_eq(kvrt_sched_reset_cache(g.s), 0); /* empty: nothing to do */
 	rig_down(&g);
 }
 
@@ -280,6 +324,7 @@ Test(kvrt_api, errors_a_user_can_hit)
 	o = opts("t-alone");
 	cr_assert_eq(kvrt_sched_create(&s, &o, err, sizeof err), 0);
 	cr_assert(!kvrt_sched_sees_worker(s));
+	cr_assert_eq(kvrt_sched_reset_cache(s), -ENODEV);
 	uint32_t tok[T] = {1, 2, 3};
 	struct kvrt_request r = req("X", tok, NULL);
 	uint32_t n = 99;

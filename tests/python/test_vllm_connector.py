@@ -55,6 +55,31 @@ def test_hit_loads_identical_kv_and_schedules_tail(model_dir):
         eng.close()
 
 
+def test_reset_cache_then_miss(model_dir):
+    eng = engine(model_dir)
+    try:
+        P = H.prompt(11)
+        eng.add("A", P)
+        eng.run()
+        eng.wc.flush()
+        eng.add("B", P)
+        so, sched = eng.step()
+        assert sched == {"B": 8}  # a hit
+        eng.run()
+        eng.assert_empty()
+        assert pins(eng) == 0
+        assert eng.sc.reset_cache() is True
+        assert eng.wc.reset_cache() is None  # worker side: not its call
+        eng.add("C", P)
+        so, sched = eng.step()
+        assert sched == {"C": 40}  # reset: the same prompt misses
+        eng.run()
+        eng.assert_empty()
+        assert pins(eng) == 0
+    finally:
+        eng.close()
+
+
 def test_cache_salt_isolates(model_dir):
     eng = engine(model_dir)
     try:

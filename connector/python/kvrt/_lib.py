@@ -99,6 +99,7 @@ def _declare(lib):
         "kvrt_worker_destroy": (None, [P]),
         "kvrt_sched_create": (i32, [C.POINTER(P), C.POINTER(Options), C.c_char_p, sz]),
         "kvrt_sched_destroy": (None, [P]),
+        "kvrt_sched_reset_cache": (i32, [P]),
         "kvrt_sched_lookup": (i32, [P, C.POINTER(Request), u32, pu32, C.POINTER(C.c_bool)]),
         "kvrt_sched_after_alloc": (i32, [P, C.POINTER(Request), C.POINTER(C.c_int32), u32, u32, u32]),
         "kvrt_sched_save_need": (u32, [P, C.c_char_p, u32, u32, u32]),

@@ -13,6 +13,7 @@ inspect.signature), never by version strings.
 from __future__ import annotations
 
 import ctypes as C
+import errno
 import inspect
 import logging
 import time
@@ -266,7 +267,26 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         return ()
 
     def reset_cache(self):
-        return None  # kvrt's cache outlives vLLM's prefix cache reset
+        """Drop kvrt's cached chunks that no request uses (prefix cache reset).
+
+        True: all dropped. False: some were kept (pinned by requests in
+        flight), or the workers live in other processes, where the scheduler
+        cannot reach their caches (logged once; nothing is reset). Redis, when
+        configured, is shared and never cleared. None on the worker side.
+        """
+        if self._sched is None:
+            return None
+        rc = self._lib.kvrt_sched_reset_cache(self._sched)
+        if rc == 0:
+            return True
+        if rc == -errno.ENODEV:
+            if not getattr(self, "_reset_warned", False):
+                self._reset_warned = True
+                log.warning("kvrt: reset_cache: the kvrt workers run in other processes; "
+                            "their caches are not reset")
+        elif rc != -errno.EBUSY:
+            log.warning("kvrt: reset_cache failed (%d)", rc)
+        return False
 
     # ------------------------------------------------------------ worker
     def register_kv_caches(self, kv_caches):
