@@ -4,6 +4,7 @@
  * little-endian byte stores, so it is the same on every host.
  */
 #define XXH_STATIC_LINKING_ONLY /* XXH3_state_t's size, for a state on the stack */
+#include "runtime/bytes.h"
 #include "actors/chunk.h"
 
 #include <errno.h>
@@ -13,51 +14,23 @@
 
 _Static_assert(sizeof(KVRT_CHUNK_MAGIC) - 1 == 8, "magic is 8 bytes");
 
-static void _put32(uint8_t *p, uint32_t v)
-{
-	for (int i = 0; i < 4; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void _put64(uint8_t *p, uint64_t v)
-{
-	for (int i = 0; i < 8; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint32_t _get32(const uint8_t *p)
-{
-	uint32_t v = 0;
-	for (int i = 3; i >= 0; i--)
-		v = v << 8 | p[i];
-	return v;
-}
-
-static uint64_t _get64(const uint8_t *p)
-{
-	uint64_t v = 0;
-	for (int i = 7; i >= 0; i--)
-		v = v << 8 | p[i];
-	return v;
-}
-
 void kvrt_chunk_header_encode(const struct kvrt_chunk_header *h,
 			      uint8_t out[KVRT_CHUNK_HEADER_SIZE])
 {
 	memcpy(out, KVRT_CHUNK_MAGIC, 8);
-	_put32(out + 8, h->format_version);
-	_put32(out + 12, h->header_size);
-	_put64(out + 16, h->namespace_hash);
-	_put64(out + 24, h->key.lo);
-	_put64(out + 32, h->key.hi);
-	_put32(out + 40, h->shape.num_layers);
-	_put32(out + 44, h->shape.token_bytes);
-	_put32(out + 48, h->shape.elem_size);
-	_put32(out + 52, h->shape.layout);
-	_put32(out + 56, h->num_tokens);
-	_put32(out + 60, h->flags);
-	_put64(out + 64, h->payload_len);
-	_put64(out + KVRT_CHUNK_CHECKSUM_OFFSET, h->checksum);
+	kvrt_put_le32(out + 8, h->format_version);
+	kvrt_put_le32(out + 12, h->header_size);
+	kvrt_put_le64(out + 16, h->namespace_hash);
+	kvrt_put_le64(out + 24, h->key.lo);
+	kvrt_put_le64(out + 32, h->key.hi);
+	kvrt_put_le32(out + 40, h->shape.num_layers);
+	kvrt_put_le32(out + 44, h->shape.token_bytes);
+	kvrt_put_le32(out + 48, h->shape.elem_size);
+	kvrt_put_le32(out + 52, h->shape.layout);
+	kvrt_put_le32(out + 56, h->num_tokens);
+	kvrt_put_le32(out + 60, h->flags);
+	kvrt_put_le64(out + 64, h->payload_len);
+	kvrt_put_le64(out + KVRT_CHUNK_CHECKSUM_OFFSET, h->checksum);
 }
 
 int kvrt_chunk_header_decode(const uint8_t *in, size_t len, struct kvrt_chunk_header *h)
@@ -67,18 +40,18 @@ int kvrt_chunk_header_decode(const uint8_t *in, size_t len, struct kvrt_chunk_he
 	if (memcmp(in, KVRT_CHUNK_MAGIC, 8) != 0)
 		return -EBADMSG;
 	struct kvrt_chunk_header t = {
-		.format_version = _get32(in + 8),
-		.header_size = _get32(in + 12),
-		.namespace_hash = _get64(in + 16),
-		.key = {.lo = _get64(in + 24), .hi = _get64(in + 32)},
-		.shape = {.num_layers = _get32(in + 40),
-			  .token_bytes = _get32(in + 44),
-			  .elem_size = _get32(in + 48),
-			  .layout = _get32(in + 52)},
-		.num_tokens = _get32(in + 56),
-		.flags = _get32(in + 60),
-		.payload_len = _get64(in + 64),
-		.checksum = _get64(in + KVRT_CHUNK_CHECKSUM_OFFSET),
+		.format_version = kvrt_get_le32(in + 8),
+		.header_size = kvrt_get_le32(in + 12),
+		.namespace_hash = kvrt_get_le64(in + 16),
+		.key = {.lo = kvrt_get_le64(in + 24), .hi = kvrt_get_le64(in + 32)},
+		.shape = {.num_layers = kvrt_get_le32(in + 40),
+			  .token_bytes = kvrt_get_le32(in + 44),
+			  .elem_size = kvrt_get_le32(in + 48),
+			  .layout = kvrt_get_le32(in + 52)},
+		.num_tokens = kvrt_get_le32(in + 56),
+		.flags = kvrt_get_le32(in + 60),
+		.payload_len = kvrt_get_le64(in + 64),
+		.checksum = kvrt_get_le64(in + KVRT_CHUNK_CHECKSUM_OFFSET),
 	};
 	if (t.format_version != KVRT_CHUNK_FORMAT_VERSION || t.header_size != KVRT_CHUNK_HEADER_SIZE ||
 	    t.flags != 0)
@@ -125,7 +98,7 @@ uint64_t kvrt_chunk_checksum(const uint8_t encoded_header[KVRT_CHUNK_HEADER_SIZE
 
 void kvrt_chunk_header_set_checksum(uint8_t encoded_header[KVRT_CHUNK_HEADER_SIZE], uint64_t sum)
 {
-	_put64(encoded_header + KVRT_CHUNK_CHECKSUM_OFFSET, sum);
+	kvrt_put_le64(encoded_header + KVRT_CHUNK_CHECKSUM_OFFSET, sum);
 }
 
 int kvrt_chunk_verify(const uint8_t encoded_header[KVRT_CHUNK_HEADER_SIZE], const void *payload,

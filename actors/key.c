@@ -1,5 +1,6 @@
 /* actors/key.c: see key.h; the spec is docs/keys.md. */
 #define XXH_STATIC_LINKING_ONLY /* XXH3_state_t on the stack */
+#include "runtime/bytes.h"
 #include "actors/key.h"
 
 #include <string.h>
@@ -13,29 +14,17 @@
 /* Domain tag that opens every namespace encoding. */
 static const char ns_tag[] = "kvrt-key-ns";
 
-static void put_le64(unsigned char *p, uint64_t v)
-{
-	for (int i = 0; i < 8; i++)
-		p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static void put_le32(unsigned char *p, uint32_t v)
-{
-	for (int i = 0; i < 4; i++)
-		p[i] = (unsigned char)(v >> (8 * i));
-}
-
 static void ns_u32(XXH3_state_t *st, uint32_t v)
 {
 	unsigned char b[4];
-	put_le32(b, v);
+	kvrt_put_le32(b, v);
 	XXH3_64bits_update(st, b, sizeof(b));
 }
 
 static void ns_u64(XXH3_state_t *st, uint64_t v)
 {
 	unsigned char b[8];
-	put_le64(b, v);
+	kvrt_put_le64(b, v);
 	XXH3_64bits_update(st, b, sizeof(b));
 }
 
@@ -100,8 +89,8 @@ static struct kvrt_chunk_key chunk_key(XXH3_state_t *st, uint64_t seed, struct k
 				       const uint32_t *tokens, uint32_t n)
 {
 	unsigned char p[16];
-	put_le64(p, prev.lo);
-	put_le64(p + 8, prev.hi);
+	kvrt_put_le64(p, prev.lo);
+	kvrt_put_le64(p + 8, prev.hi);
 	XXH3_128bits_reset_withSeed(st, seed);
 	XXH3_128bits_update(st, p, sizeof(p));
 	update_tokens(st, tokens, n);

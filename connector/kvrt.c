@@ -13,6 +13,7 @@
  * engine recomputes every key from them and checks the scheduler's).
  * Integers little-endian (the hosts vLLM runs on); read with memcpy.
  */
+#include "runtime/bytes.h"
 #include "connector/kvrt.h"
 
 #include <errno.h>
@@ -105,27 +106,6 @@ static int grow(void **p, size_t *cap, size_t need, size_t elem)
 static char *dupstr(const char *s)
 {
 	return strdup(s ? s : "");
-}
-
-static void put32(uint8_t *p, uint32_t v)
-{
-	memcpy(p, &v, 4);
-}
-static void put64(uint8_t *p, uint64_t v)
-{
-	memcpy(p, &v, 8);
-}
-static uint32_t get32(const uint8_t *p)
-{
-	uint32_t v;
-	memcpy(&v, p, 4);
-	return v;
-}
-static uint64_t get64(const uint8_t *p)
-{
-	uint64_t v;
-	memcpy(&v, p, 8);
-	return v;
 }
 
 /* Config: init (defaults, file, env), then the caller's keys, then check. */
@@ -419,9 +399,9 @@ static bool rt_find(const uint8_t *tab, uint32_t nreq, const uint8_t *end, uint6
 {
 	const uint8_t *p = tab;
 	for (uint32_t i = 0; i < nreq; i++) {
-		uint32_t ntok = get32(p + 20);
-		if (get64(p) == hash) {
-			*out = (struct _kvrt_rt){get64(p), get64(p + 8), get32(p + 16), ntok,
+		uint32_t ntok = kvrt_get_le32(p + 20);
+		if (kvrt_get_le64(p) == hash) {
+			*out = (struct _kvrt_rt){kvrt_get_le64(p), kvrt_get_le64(p + 8), kvrt_get_le32(p + 16), ntok,
 						 (const uint32_t *)(const void *)(p + 24)};
 			return true;
 		}
@@ -436,10 +416,10 @@ static bool rt_find(const uint8_t *tab, uint32_t nreq, const uint8_t *end, uint6
 static int frame_open(const uint8_t *f, size_t len, struct kvrt_meta_view *v, const uint8_t **tab,
 		      uint32_t *nreq)
 {
-	if (len < _FRAME_HDR || memcmp(f, _FRAME_MAGIC, 4) || get32(f + 4) != 1)
+	if (len < _FRAME_HDR || memcmp(f, _FRAME_MAGIC, 4) || kvrt_get_le32(f + 4) != 1)
 		return -EBADMSG;
-	uint32_t mlen = get32(f + 8);
-	*nreq = get32(f + 12);
+	uint32_t mlen = kvrt_get_le32(f + 8);
+	*nreq = kvrt_get_le32(f + 12);
 	size_t mpad = ((size_t)mlen + 3) & ~(size_t)3;
 	if (mpad > len - _FRAME_HDR)
 		return -EBADMSG;
@@ -450,7 +430,7 @@ static int frame_open(const uint8_t *f, size_t len, struct kvrt_meta_view *v, co
 	for (uint32_t i = 0; i < *nreq; i++) {
 		if ((size_t)(end - p) < 24)
 			return -EBADMSG;
-		uint32_t ntok = get32(p + 20);
+		uint32_t ntok = kvrt_get_le32(p + 20);
 		if ((size_t)(end - p - 24) / 4 < ntok)
 			return -EBADMSG;
 		p += 24 + 4 * (size_t)ntok;
@@ -1315,15 +1295,15 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 	/* The table starts 4-aligned (the worker reads tokens in place). */
 	memset(s->out + _FRAME_HDR + mlen, 0, mpad - mlen);
 	memcpy(s->out, _FRAME_MAGIC, 4);
-	put32(s->out + 4, 1);
-	put32(s->out + 8, (uint32_t)mlen);
-	put32(s->out + 12, (uint32_t)nrt);
+	kvrt_put_le32(s->out + 4, 1);
+	kvrt_put_le32(s->out + 8, (uint32_t)mlen);
+	kvrt_put_le32(s->out + 12, (uint32_t)nrt);
 	uint8_t *o = s->out + _FRAME_HDR + mpad;
 	for (size_t i = 0; i < nrt; i++) {
-		put64(o, s->rt[i].hash);
-		put64(o + 8, s->rt[i].ns);
-		put32(o + 16, s->rt[i].prompt);
-		put32(o + 20, s->rt[i].ntok);
+		kvrt_put_le64(o, s->rt[i].hash);
+		kvrt_put_le64(o + 8, s->rt[i].ns);
+		kvrt_put_le32(o + 16, s->rt[i].prompt);
+		kvrt_put_le32(o + 20, s->rt[i].ntok);
 		memcpy(o + 24, s->rt[i].tok, 4 * (size_t)s->rt[i].ntok);
 		o += 24 + 4 * (size_t)s->rt[i].ntok;
 	}

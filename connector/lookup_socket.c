@@ -9,6 +9,7 @@
  * The client uses plain non-blocking sockets and poll() on the caller's
  * thread, bounded by one deadline per call.
  */
+#include "runtime/bytes.h"
 #include "connector/lookup_socket.h"
 
 #include <errno.h>
@@ -29,43 +30,12 @@
 
 /* --- codec ------------------------------------------------------------------ */
 
-static void put16(uint8_t *p, uint16_t v)
-{
-	memcpy(p, &v, 2);
-}
-static void put32(uint8_t *p, uint32_t v)
-{
-	memcpy(p, &v, 4);
-}
-static void put64(uint8_t *p, uint64_t v)
-{
-	memcpy(p, &v, 8);
-}
-static uint16_t get16(const uint8_t *p)
-{
-	uint16_t v;
-	memcpy(&v, p, 2);
-	return v;
-}
-static uint32_t get32(const uint8_t *p)
-{
-	uint32_t v;
-	memcpy(&v, p, 4);
-	return v;
-}
-static uint64_t get64(const uint8_t *p)
-{
-	uint64_t v;
-	memcpy(&v, p, 8);
-	return v;
-}
-
 static void put_hdr(uint8_t *b, uint16_t type, uint32_t len)
 {
 	memcpy(b, KVRT_LSOCK_MAGIC, 4);
-	put16(b + 4, KVRT_LSOCK_VERSION);
-	put16(b + 6, type);
-	put32(b + 8, len);
+	kvrt_put_le16(b + 4, KVRT_LSOCK_VERSION);
+	kvrt_put_le16(b + 6, type);
+	kvrt_put_le32(b + 8, len);
 }
 
 size_t kvrt_lsock_encode_lookup(uint8_t *buf, size_t cap, uint64_t seq, uint64_t req_id,
@@ -78,10 +48,10 @@ size_t kvrt_lsock_encode_lookup(uint8_t *buf, size_t cap, uint64_t seq, uint64_t
 		return 0;
 	put_hdr(buf, KVRT_LSOCK_LOOKUP, (uint32_t)len);
 	uint8_t *p = buf + KVRT_LSOCK_HDR;
-	put64(p, seq);
-	put64(p + 8, req_id);
-	put64(p + 16, ns_hash);
-	put32(p + 24, n);
+	kvrt_put_le64(p, seq);
+	kvrt_put_le64(p + 8, req_id);
+	kvrt_put_le64(p + 16, ns_hash);
+	kvrt_put_le32(p + 24, n);
 	if (n)
 		memcpy(p + 28, tokens, 4u * (size_t)n);
 	return total;
@@ -92,7 +62,7 @@ size_t kvrt_lsock_encode_release(uint8_t *buf, size_t cap, uint64_t req_id)
 	if (cap < KVRT_LSOCK_RELEASE_BYTES)
 		return 0;
 	put_hdr(buf, KVRT_LSOCK_RELEASE, 8);
-	put64(buf + KVRT_LSOCK_HDR, req_id);
+	kvrt_put_le64(buf + KVRT_LSOCK_HDR, req_id);
 	return KVRT_LSOCK_RELEASE_BYTES;
 }
 
@@ -103,12 +73,12 @@ size_t kvrt_lsock_encode_answer(uint8_t *buf, size_t cap, uint64_t seq, int32_t 
 		return 0;
 	put_hdr(buf, KVRT_LSOCK_ANSWER, 28);
 	uint8_t *p = buf + KVRT_LSOCK_HDR;
-	put64(p, seq);
-	put32(p + 8, (uint32_t)status);
-	put32(p + 12, res->tokens_now);
-	put32(p + 16, res->tokens);
-	put32(p + 20, res->chunks_now);
-	put32(p + 24, res->chunks);
+	kvrt_put_le64(p, seq);
+	kvrt_put_le32(p + 8, (uint32_t)status);
+	kvrt_put_le32(p + 12, res->tokens_now);
+	kvrt_put_le32(p + 16, res->tokens);
+	kvrt_put_le32(p + 20, res->chunks_now);
+	kvrt_put_le32(p + 24, res->chunks);
 	return KVRT_LSOCK_ANSWER_BYTES;
 }
 
@@ -116,10 +86,10 @@ int kvrt_lsock_frame_size(const uint8_t *buf, size_t have, size_t *total)
 {
 	if (have < KVRT_LSOCK_HDR)
 		return -EAGAIN;
-	if (memcmp(buf, KVRT_LSOCK_MAGIC, 4) || get16(buf + 4) != KVRT_LSOCK_VERSION)
+	if (memcmp(buf, KVRT_LSOCK_MAGIC, 4) || kvrt_get_le16(buf + 4) != KVRT_LSOCK_VERSION)
 		return -EBADMSG;
-	uint32_t len = get32(buf + 8);
-	switch (get16(buf + 6)) {
+	uint32_t len = kvrt_get_le32(buf + 8);
+	switch (kvrt_get_le16(buf + 6)) {
 	case KVRT_LSOCK_LOOKUP:
 		if (len < 28 || (len - 28) % 4 || (len - 28) / 4 > KVRT_LSOCK_MAX_TOKENS)
 			return -EBADMSG;
@@ -146,28 +116,28 @@ int kvrt_lsock_decode(const uint8_t *buf, size_t len, struct kvrt_lsock_frame *f
 	if (kvrt_lsock_frame_size(buf, len, &total) || total != len)
 		return -EBADMSG;
 	const uint8_t *p = buf + KVRT_LSOCK_HDR;
-	f->type = (enum kvrt_lsock_type)get16(buf + 6);
+	f->type = (enum kvrt_lsock_type)kvrt_get_le16(buf + 6);
 	switch (f->type) {
 	case KVRT_LSOCK_LOOKUP:
-		f->seq = get64(p);
-		f->req_id = get64(p + 8);
-		f->ns_hash = get64(p + 16);
-		f->num_tokens = get32(p + 24);
+		f->seq = kvrt_get_le64(p);
+		f->req_id = kvrt_get_le64(p + 8);
+		f->ns_hash = kvrt_get_le64(p + 16);
+		f->num_tokens = kvrt_get_le32(p + 24);
 		/* The count must agree with the length the header gave. */
 		if ((size_t)f->num_tokens * 4 + 28 != len - KVRT_LSOCK_HDR)
 			return -EBADMSG;
 		f->tokens = p + 28;
 		return 0;
 	case KVRT_LSOCK_RELEASE:
-		f->req_id = get64(p);
+		f->req_id = kvrt_get_le64(p);
 		return 0;
 	case KVRT_LSOCK_ANSWER:
-		f->seq = get64(p);
-		f->status = (int32_t)get32(p + 8);
-		f->res.tokens_now = get32(p + 12);
-		f->res.tokens = get32(p + 16);
-		f->res.chunks_now = get32(p + 20);
-		f->res.chunks = get32(p + 24);
+		f->seq = kvrt_get_le64(p);
+		f->status = (int32_t)kvrt_get_le32(p + 8);
+		f->res.tokens_now = kvrt_get_le32(p + 12);
+		f->res.tokens = kvrt_get_le32(p + 16);
+		f->res.chunks_now = kvrt_get_le32(p + 20);
+		f->res.chunks = kvrt_get_le32(p + 24);
 		if (f->res.tokens_now > f->res.tokens || f->res.chunks_now > f->res.chunks)
 			return -EBADMSG;
 		return 0;

@@ -17,29 +17,6 @@ uint64_t kvrt_meta_id_hash(const void *id, size_t len)
 	return XXH3_64bits(id, len);
 }
 
-static void put16(uint8_t *p, uint16_t v)
-{
-	p[0] = (uint8_t)v;
-	p[1] = (uint8_t)(v >> 8);
-}
-
-static void put32(uint8_t *p, uint32_t v)
-{
-	for (int i = 0; i < 4; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-	for (int i = 0; i < 8; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint16_t get16(const uint8_t *p)
-{
-	return (uint16_t)(p[0] | p[1] << 8);
-}
-
 /* --- the rules both sides apply ------------------------------------------- */
 
 /* The rules of meta.h for one load or save, on its decoded numbers. */
@@ -134,8 +111,8 @@ static uint64_t plan_size(const struct kvrt_meta_plan *p)
 
 static uint8_t *put_id(uint8_t *o, const struct kvrt_meta_id *id)
 {
-	put64(o, kvrt_meta_id_hash(id->id, id->len));
-	put16(o + 8, (uint16_t)id->len);
+	kvrt_put_le64(o, kvrt_meta_id_hash(id->id, id->len));
+	kvrt_put_le16(o + 8, (uint16_t)id->len);
 	memcpy(o + ID_FIXED, id->id, id->len);
 	return o + ID_FIXED + id->len;
 }
@@ -143,19 +120,19 @@ static uint8_t *put_id(uint8_t *o, const struct kvrt_meta_id *id)
 static uint8_t *put_req(uint8_t *o, const struct kvrt_meta_req *r)
 {
 	o = put_id(o, &r->id);
-	put32(o, r->flags);
-	put32(o + 4, r->token_start);
-	put32(o + 8, r->token_end);
-	put32(o + 12, r->last_chunk_tokens);
-	put32(o + 16, r->num_keys);
-	put32(o + 20, r->num_blocks);
+	kvrt_put_le32(o, r->flags);
+	kvrt_put_le32(o + 4, r->token_start);
+	kvrt_put_le32(o + 8, r->token_end);
+	kvrt_put_le32(o + 12, r->last_chunk_tokens);
+	kvrt_put_le32(o + 16, r->num_keys);
+	kvrt_put_le32(o + 20, r->num_blocks);
 	o += ITEM_FIXED;
 	for (uint32_t i = 0; i < r->num_keys; i++, o += KEY_BYTES) {
-		put64(o, r->keys[i].lo);
-		put64(o + 8, r->keys[i].hi);
+		kvrt_put_le64(o, r->keys[i].lo);
+		kvrt_put_le64(o + 8, r->keys[i].hi);
 	}
 	for (uint32_t i = 0; i < r->num_blocks; i++, o += BLOCK_BYTES)
-		put32(o, r->block_ids[i]);
+		kvrt_put_le32(o, r->block_ids[i]);
 	return o;
 }
 
@@ -171,17 +148,17 @@ int kvrt_meta_encode(const struct kvrt_meta_plan *p, void *buf, size_t cap, size
 		return -ENOSPC;
 	uint8_t *b = buf, *o = b + KVRT_META_HEADER_SIZE;
 	memcpy(b, KVRT_META_MAGIC, 4);
-	put16(b + 4, KVRT_META_VERSION);
-	put16(b + 6, KVRT_META_HEADER_SIZE);
-	put32(b + 8, (uint32_t)need);
-	put32(b + 12, 0);
-	put64(b + 24, p->step);
-	put32(b + 32, p->block_size);
-	put32(b + 36, p->chunk_size);
-	put32(b + 40, p->num_loads);
-	put32(b + 44, p->num_saves);
-	put32(b + 48, p->num_preempted);
-	put32(b + 52, p->num_finished);
+	kvrt_put_le16(b + 4, KVRT_META_VERSION);
+	kvrt_put_le16(b + 6, KVRT_META_HEADER_SIZE);
+	kvrt_put_le32(b + 8, (uint32_t)need);
+	kvrt_put_le32(b + 12, 0);
+	kvrt_put_le64(b + 24, p->step);
+	kvrt_put_le32(b + 32, p->block_size);
+	kvrt_put_le32(b + 36, p->chunk_size);
+	kvrt_put_le32(b + 40, p->num_loads);
+	kvrt_put_le32(b + 44, p->num_saves);
+	kvrt_put_le32(b + 48, p->num_preempted);
+	kvrt_put_le32(b + 52, p->num_finished);
 	for (uint32_t i = 0; i < p->num_loads; i++)
 		o = put_req(o, &p->loads[i]);
 	for (uint32_t i = 0; i < p->num_saves; i++)
@@ -191,7 +168,7 @@ int kvrt_meta_encode(const struct kvrt_meta_plan *p, void *buf, size_t cap, size
 	for (uint32_t i = 0; i < p->num_finished; i++)
 		o = put_id(o, &p->finished[i]);
 	KVRT_ASSERT((uint64_t)(o - b) == need);
-	put64(b + 16, XXH3_64bits(b + 24, (size_t)need - 24));
+	kvrt_put_le64(b + 16, XXH3_64bits(b + 24, (size_t)need - 24));
 	return 0;
 }
 
@@ -208,8 +185,8 @@ static const uint8_t *parse_entry(const uint8_t *p, const uint8_t *end, int kind
 	size_t left = (size_t)(end - p);
 	if (left < ID_FIXED)
 		return NULL;
-	uint64_t hash = _kvrt_meta_le64(p);
-	uint32_t idlen = get16(p + 8);
+	uint64_t hash = kvrt_get_le64(p);
+	uint32_t idlen = kvrt_get_le16(p + 8);
 	if (idlen < 1 || idlen > KVRT_META_MAX_ID_LEN || left - ID_FIXED < idlen)
 		return NULL;
 	const uint8_t *id = p + ID_FIXED;
@@ -225,9 +202,9 @@ static const uint8_t *parse_entry(const uint8_t *p, const uint8_t *end, int kind
 	left = (size_t)(end - p);
 	if (left < ITEM_FIXED)
 		return NULL;
-	uint32_t flags = _kvrt_meta_le32(p), start = _kvrt_meta_le32(p + 4);
-	uint32_t iend = _kvrt_meta_le32(p + 8), last = _kvrt_meta_le32(p + 12);
-	uint32_t nk = _kvrt_meta_le32(p + 16), nb = _kvrt_meta_le32(p + 20);
+	uint32_t flags = kvrt_get_le32(p), start = kvrt_get_le32(p + 4);
+	uint32_t iend = kvrt_get_le32(p + 8), last = kvrt_get_le32(p + 12);
+	uint32_t nk = kvrt_get_le32(p + 16), nb = kvrt_get_le32(p + 20);
 	p += ITEM_FIXED;
 	left -= ITEM_FIXED;
 	/* Counts first against the bytes left (64-bit products: no overflow). */
@@ -257,16 +234,16 @@ int kvrt_meta_decode(const void *buf, size_t len, struct kvrt_meta_view *out)
 	const uint8_t *b = buf;
 	if (!b || len < KVRT_META_HEADER_SIZE || len > KVRT_META_MAX_BYTES)
 		return -EBADMSG;
-	if (memcmp(b, KVRT_META_MAGIC, 4) || get16(b + 4) != KVRT_META_VERSION ||
-	    get16(b + 6) != KVRT_META_HEADER_SIZE || _kvrt_meta_le32(b + 8) != len ||
-	    _kvrt_meta_le32(b + 12) != 0)
+	if (memcmp(b, KVRT_META_MAGIC, 4) || kvrt_get_le16(b + 4) != KVRT_META_VERSION ||
+	    kvrt_get_le16(b + 6) != KVRT_META_HEADER_SIZE || kvrt_get_le32(b + 8) != len ||
+	    kvrt_get_le32(b + 12) != 0)
 		return -EBADMSG;
-	if (_kvrt_meta_le64(b + 16) != XXH3_64bits(b + 24, len - 24))
+	if (kvrt_get_le64(b + 16) != XXH3_64bits(b + 24, len - 24))
 		return -EBADMSG;
 	struct kvrt_meta_view v = {
-		.step = _kvrt_meta_le64(b + 24),
-		.block_size = _kvrt_meta_le32(b + 32),
-		.chunk_size = _kvrt_meta_le32(b + 36),
+		.step = kvrt_get_le64(b + 24),
+		.block_size = kvrt_get_le32(b + 32),
+		.chunk_size = kvrt_get_le32(b + 36),
 	};
 	if (v.block_size < 1 || v.block_size > KVRT_META_MAX_SIZE || v.chunk_size < 1 ||
 	    v.chunk_size > KVRT_META_MAX_SIZE)
@@ -275,7 +252,7 @@ int kvrt_meta_decode(const void *buf, size_t len, struct kvrt_meta_view *out)
 	/* Cheap bound before any walk: every entry takes its fixed bytes. */
 	uint64_t least = 0;
 	for (int l = 0; l < 4; l++) {
-		v.count[l] = _kvrt_meta_le32(b + 40 + 4 * l);
+		v.count[l] = kvrt_get_le32(b + 40 + 4 * l);
 		if (v.count[l] > KVRT_META_MAX_ITEMS)
 			return -EBADMSG;
 		least += (uint64_t)v.count[l] * (ID_FIXED + 1 + (l < 2 ? ITEM_FIXED : 0));

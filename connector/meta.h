@@ -90,6 +90,7 @@
 #ifndef KVRT_CONNECTOR_META_H
 #define KVRT_CONNECTOR_META_H
 
+#include "runtime/bytes.h"
 #include "actors/chunk.h"
 #include "runtime/common.h"
 
@@ -207,30 +208,17 @@ void kvrt_meta_iter_init(struct kvrt_meta_iter *it, const struct kvrt_meta_view 
 /* The next entry into *out; false at the end. */
 bool kvrt_meta_iter_next(struct kvrt_meta_iter *it, struct kvrt_meta_item *out);
 
-static inline uint64_t _kvrt_meta_le64(const uint8_t *p)
-{
-	uint64_t v = 0;
-	for (int i = 7; i >= 0; i--)
-		v = v << 8 | p[i];
-	return v;
-}
-
-static inline uint32_t _kvrt_meta_le32(const uint8_t *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
 /* Key i (< num_keys) of an entry: chunk token_start/chunk_size + i. */
 static inline struct kvrt_chunk_key kvrt_meta_item_key(const struct kvrt_meta_item *r, uint32_t i)
 {
-	return (struct kvrt_chunk_key){_kvrt_meta_le64(r->_keys + 16 * (size_t)i),
-				       _kvrt_meta_le64(r->_keys + 16 * (size_t)i + 8)};
+	return (struct kvrt_chunk_key){kvrt_get_le64(r->_keys + 16 * (size_t)i),
+				       kvrt_get_le64(r->_keys + 16 * (size_t)i + 8)};
 }
 
 /* Block id i (< num_blocks) of an entry: block token_start/block_size + i. */
 static inline uint32_t kvrt_meta_item_block(const struct kvrt_meta_item *r, uint32_t i)
 {
-	return _kvrt_meta_le32(r->_blocks + 4 * (size_t)i);
+	return kvrt_get_le32(r->_blocks + 4 * (size_t)i);
 }
 
 /* vLLM slot of token t (token_start <= t < token_end). */
