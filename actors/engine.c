@@ -165,6 +165,7 @@ int kvrt_engine_create(struct kvrt_engine **out, const struct kvrt_engine_config
 		goto err;
 	e->cfg.remote_url = e->remote_url;
 	pthread_mutex_init(&e->res_mu, NULL);
+	pthread_mutex_init(&e->dl_mu, NULL);
 	rc = kvrt_index_create(&e->idx, &(struct kvrt_index_config){.capacity = 4096});
 	if (rc)
 		goto err_mu;
@@ -176,6 +177,7 @@ int kvrt_engine_create(struct kvrt_engine **out, const struct kvrt_engine_config
 err_idx:
 	kvrt_index_destroy(e->idx);
 err_mu:
+	pthread_mutex_destroy(&e->dl_mu);
 	pthread_mutex_destroy(&e->res_mu);
 err:
 	free(e->disk_dir);
@@ -306,6 +308,8 @@ int kvrt_engine_register(struct kvrt_engine *e, const struct kvrt_kv_tensor *t, 
 		goto err_lookup;
 	if ((rc = _kvrt_save_create(e, &e->save)))
 		goto err_load;
+	/* No reader (-ENOMEM): every lookup asks the actor. */
+	e->dl_r = kvrt_index_reader_open(e->idx);
 	e->registered = true;
 	kvrt_info("engine: %u layers, %u-token chunks of %llu bytes, %u slabs, device %s", e->L, e->cs,
 		  (unsigned long long)e->chunk_bytes, kvrt_pool_slabs(e->pool), kvrt_device_name(e->dev));
@@ -365,6 +369,8 @@ void kvrt_engine_destroy(struct kvrt_engine *e)
 		_kvrt_lookup_destroy(e->lookup);
 		kvrt_evict_destroy(e->ev); /* signals promotions still waiting */
 		_kvrt_lookup_free(e->lookup);
+		kvrt_index_reader_close(e->dl_r);
+		e->dl_r = NULL;
 		kvrt_event_destroy(e->save_done);
 		destroy_events(e->save_cev, e->L);
 		destroy_events(e->load_ev, e->L);
@@ -376,6 +382,9 @@ void kvrt_engine_destroy(struct kvrt_engine *e)
 	kvrt_device_close(e->dev);
 	kvrt_index_destroy(e->idx);
 	pthread_mutex_destroy(&e->res_mu);
+	pthread_mutex_destroy(&e->dl_mu);
+	free(e->dl_keys);
+	free(e->dl_hits);
 	struct _kvrt_step *st = &e->step;
 	free(st->reqs);
 	free(st->tokens);
@@ -393,6 +402,61 @@ void kvrt_engine_destroy(struct kvrt_engine *e)
 
 /* --- scheduler side --------------------------------------------------------- */
 
+/* The lookup on the caller's thread ("in one process the scheduler reads
+ * the index directly"): the same keys, unpin and pinned walk as the lookup
+ * actor's do_lookup (actors/lookup.c), without the round trip. It answers
+ * only when the answer needs no actor: every chunk found is in the CPU tier
+ * (a disk or remote chunk needs a prefetch the actor tracks) and, with a
+ * remote tier, nothing is missing (a miss asks Redis). Otherwise -EAGAIN:
+ * the caller asks the actor, which replaces this walk's pins with its own,
+ * so the answer and the pins are the actor's exactly. dl_mu held. */
+static int direct_lookup(struct kvrt_engine *e, uint64_t req, uint64_t ns, const uint32_t *tokens,
+			 uint32_t n, struct kvrt_lookup_result *out)
+{
+	if (e->dl_off || !e->dl_r)
+		return -EAGAIN;
+	uint32_t cs = e->cs;
+	uint32_t nfull = n / cs, tail = n % cs;
+	size_t need = (size_t)nfull + 1;
+	if (need > e->dl_cap) {
+		size_t cap = e->dl_cap ? e->dl_cap : 256;
+		while (cap < need)
+			cap *= 2;
+		struct kvrt_chunk_key *k = realloc(e->dl_keys, cap * sizeof(*k));
+		if (!k)
+			return -EAGAIN;
+		e->dl_keys = k;
+		struct kvrt_index_hit *h = realloc(e->dl_hits, cap * sizeof(*h));
+		if (!h)
+			return -EAGAIN;
+		e->dl_hits = h;
+		e->dl_cap = cap;
+	}
+	struct kvrt_chunk_key *keys = e->dl_keys;
+	struct kvrt_index_hit *hits = e->dl_hits;
+	_kvrt_keys(ns, tokens, cs, nfull, tail, keys);
+	/* Idempotent: the request's earlier pins are replaced by this answer. */
+	kvrt_index_unpin_owner(e->idx, req);
+	unsigned fl = KVRT_INDEX_PIN | KVRT_INDEX_TOUCH;
+	size_t found = kvrt_index_lookup(e->dl_r, keys, nfull, req, fl, hits);
+	uint32_t tokens_found = (uint32_t)found * cs;
+	if (found == nfull && tail && kvrt_index_lookup(e->dl_r, keys + nfull, 1, req, fl, hits + nfull)) {
+		found++;
+		tokens_found += tail;
+	}
+	uint32_t total = nfull + (tail != 0);
+	if (found < total && e->remote_wait_ns)
+		return -EAGAIN; /* Redis may hold the rest */
+	for (size_t i = 0; i < found; i++)
+		if (hits[i].tier != KVRT_TIER_CPU)
+			return -EAGAIN; /* a prefetch to start */
+	out->chunks = out->chunks_now = (uint32_t)found;
+	out->tokens = out->tokens_now = tokens_found;
+	_KVRT_STAT_ADD(e, st_lookups, 1);
+	_KVRT_STAT_ADD(e, st_lookup_tokens, tokens_found);
+	return 0;
+}
+
 int kvrt_engine_lookup(struct kvrt_engine *e, uint64_t req_id, uint64_t ns_hash,
 		       const uint32_t *tokens, uint32_t n, struct kvrt_lookup_result *out)
 {
@@ -401,7 +465,18 @@ int kvrt_engine_lookup(struct kvrt_engine *e, uint64_t req_id, uint64_t ns_hash,
 		return 0;
 	if (!tokens)
 		return -EINVAL;
-	return _kvrt_lookup_call(e->lookup, _kvrt_owner_req(req_id), ns_hash, tokens, n, out);
+	uint64_t req = _kvrt_owner_req(req_id);
+	pthread_mutex_lock(&e->dl_mu);
+	int rc = direct_lookup(e, req, ns_hash, tokens, n, out);
+	if (rc == -EAGAIN) /* the actor must answer (or the scratch cannot grow) */
+		rc = _kvrt_lookup_call(e->lookup, req, ns_hash, tokens, n, out);
+	pthread_mutex_unlock(&e->dl_mu);
+	return rc;
+}
+
+void _kvrt_engine_set_direct_lookup(struct kvrt_engine *e, bool on)
+{
+	e->dl_off = !on;
 }
 
 size_t kvrt_engine_release(struct kvrt_engine *e, uint64_t req_id)

@@ -230,7 +230,13 @@ void kvrt_engine_destroy(struct kvrt_engine *e);
  * miss asks Redis, waiting at most remote_lookup_wait_ms). Only whole chunks count, plus a
  * cached tail of exactly the remaining tokens. 0, -EAGAIN (the lookup
  * actor's mailbox is full: answer "no hit"), -ESHUTDOWN. Before register:
- * 0 with nothing found. */
+ * 0 with nothing found.
+ * Answered on the caller's thread (hash, walk and pin through the engine's
+ * own index reader, no message) unless a chunk found is not in the CPU tier
+ * (the lookup actor starts its prefetch) or, with a remote tier, a chunk is
+ * missing (the actor asks Redis): then the actor answers, with the same
+ * result and pins. Lookups are serialized by one engine mutex (uncontended
+ * with vLLM's single scheduler thread), held across an actor call. */
 int kvrt_engine_lookup(struct kvrt_engine *e, uint64_t req_id, uint64_t ns_hash,
 		       const uint32_t *tokens, uint32_t n, struct kvrt_lookup_result *out);
 

@@ -125,6 +125,17 @@ struct kvrt_engine {
 	struct kvrt_event **save_cev;  /* [L]: compute progress at save_layer (worker records) */
 	struct kvrt_event *save_done;  /* the step's gathers (save actor records) */
 	struct kvrt_lookup *lookup;    /* lookup actor */
+	/* Direct lookups on the caller's thread (kvrt_engine_lookup). Every
+	 * lookup, direct or through the actor, runs under dl_mu, so lookups stay
+	 * serialized as when the actor answered them all (a re-lookup's unpin
+	 * and pin never interleave with another lookup's). The reader's epoch
+	 * record is used by one thread at a time: the mutex orders the uses. */
+	pthread_mutex_t dl_mu;
+	struct kvrt_index_reader *dl_r; /* opened at register, closed at destroy */
+	struct kvrt_chunk_key *dl_keys; /* scratch [dl_cap] */
+	struct kvrt_index_hit *dl_hits; /* scratch [dl_cap] */
+	size_t dl_cap;                  /* entries in dl_keys and dl_hits */
+	bool dl_off;                    /* test switch: always ask the actor */
 	struct kvrt_load *load;        /* load actor */
 	struct kvrt_save *save;        /* save actor */
 	struct _kvrt_pub load_pub KVRT_CL_ALIGNED; /* layers issued (load actor) */
@@ -193,6 +204,9 @@ void _kvrt_lookup_destroy(struct kvrt_lookup *l);
 void _kvrt_lookup_free(struct kvrt_lookup *l);
 int _kvrt_lookup_call(struct kvrt_lookup *l, uint64_t req, uint64_t ns, const uint32_t *tokens,
 		      uint32_t n, struct kvrt_lookup_result *out);
+/* Tests: true makes every lookup go through the lookup actor (the direct
+ * path off), to compare the two. Owner thread, no lookup in flight. */
+void _kvrt_engine_set_direct_lookup(struct kvrt_engine *e, bool on);
 
 int _kvrt_load_create(struct kvrt_engine *e, struct kvrt_load **out);
 void _kvrt_load_destroy(struct kvrt_load *l);

@@ -598,3 +598,84 @@ Test(pipeline, async_load_from_disk)
 	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
 	cr_expect_eq(system(cmd), 0);
 }
+
+/* --- direct lookups (caller's thread) answer as the lookup actor does ---------------- */
+
+#include "actors/pipeline.h"
+
+/* What one pass of lookups saw: answers and pins after each step. */
+struct lk_trace {
+	struct kvrt_lookup_result res[6];
+	uint64_t pinned[6];
+	size_t released[2];
+	uint64_t lookups, lookup_tokens;
+};
+
+static void lk_pass(struct prig *g, struct preq **r, uint32_t n, struct lk_trace *t)
+{
+	struct kvrt_engine_stats st0, st1;
+	kvrt_engine_stats(g->e, &st0);
+	memset(t->res, 0x5a, sizeof(t->res));
+	struct kvrt_index *idx = kvrt_engine_index(g->e);
+	for (uint32_t i = 0; i < n; i++) {
+		cr_assert_eq(kvrt_engine_lookup(g->e, r[i]->id, g->ns, r[i]->tok, r[i]->T, &t->res[i]), 0);
+		t->pinned[i] = kvrt_index_pinned(idx);
+	}
+	/* A re-lookup replaces the request's pins; a release drops them. */
+	cr_assert_eq(kvrt_engine_lookup(g->e, r[0]->id, g->ns, r[0]->tok, r[0]->T, &t->res[n]), 0);
+	t->pinned[n] = kvrt_index_pinned(idx);
+	t->released[0] = kvrt_engine_release(g->e, r[0]->id);
+	t->pinned[n + 1] = kvrt_index_pinned(idx);
+	t->released[1] = 0;
+	for (uint32_t i = 1; i < n; i++)
+		t->released[1] += kvrt_engine_release(g->e, r[i]->id);
+	cr_assert_eq(kvrt_index_pinned(idx), 0, "pins leaked");
+	kvrt_engine_stats(g->e, &st1);
+	t->lookups = st1.lookups - st0.lookups;
+	t->lookup_tokens = st1.lookup_tokens - st0.lookup_tokens;
+}
+
+Test(pipeline, direct_lookup_matches_actor)
+{
+	struct kt_spec s = small_spec();
+	struct prig g;
+	prig_up(&g, &s, base_cfg(16), 15);
+	struct preq a, b, c, d;
+	preq_make(&g, &a, 101, 64, NULL, 0);   /* saved: 4 full chunks */
+	preq_make(&g, &b, 102, 40, NULL, 0);   /* saved: 2 full chunks and a tail of 8 */
+	preq_make(&g, &c, 103, 48, NULL, 0);   /* never saved: a miss */
+	preq_make(&g, &d, 104, 80, &a, 40);    /* shares 2.5 chunks of a: 2 chunks hit */
+	struct preq *saved[] = {&a, &b};
+	prig_save(&g, saved, 2);
+	struct preq *all[] = {&a, &b, &c, &d};
+	struct lk_trace direct, actor;
+	lk_pass(&g, all, 4, &direct);
+	_kvrt_engine_set_direct_lookup(g.e, false);
+	lk_pass(&g, all, 4, &actor);
+	_kvrt_engine_set_direct_lookup(g.e, true);
+	/* What the cache holds, so the comparison is not of two empty answers. */
+	cr_assert_eq(direct.res[0].tokens, 64);
+	cr_assert_eq(direct.res[1].tokens, 40);
+	cr_assert_eq(direct.res[2].tokens, 0);
+	cr_assert_eq(direct.res[3].tokens, 32);
+	for (uint32_t i = 0; i < 5; i++) {
+		cr_assert_eq(direct.res[i].tokens, actor.res[i].tokens, "lookup %u", i);
+		cr_assert_eq(direct.res[i].tokens_now, actor.res[i].tokens_now, "lookup %u", i);
+		cr_assert_eq(direct.res[i].chunks, actor.res[i].chunks, "lookup %u", i);
+		cr_assert_eq(direct.res[i].chunks_now, actor.res[i].chunks_now, "lookup %u", i);
+	}
+	for (uint32_t i = 0; i < 6; i++)
+		cr_assert_eq(direct.pinned[i], actor.pinned[i], "pins after step %u", i);
+	cr_assert_eq(direct.pinned[3], 4 + 3 + 0 + 2, "every chunk found is pinned");
+	cr_assert_eq(direct.pinned[4], direct.pinned[3], "a re-lookup replaces the pins");
+	cr_assert_eq(direct.released[0], actor.released[0]);
+	cr_assert_eq(direct.released[0], 4);
+	cr_assert_eq(direct.released[1], actor.released[1]);
+	cr_assert_eq(direct.lookups, actor.lookups);
+	cr_assert_eq(direct.lookup_tokens, actor.lookup_tokens);
+	preq_fini(&g, &a);
+	preq_fini(&g, &b);
+	preq_fini(&g, &c);
+	preq_fini(&g, &d);
+	prig_down(&g);
+}
