@@ -58,6 +58,9 @@ struct kvrt_worker {
 	size_t keys_cap;
 	uint8_t *frame;               /* the bound frame (tokens point into it) */
 	size_t frame_cap;
+	struct _kvrt_rtslot *rtmap;   /* the frame's table by id hash (open addressing) */
+	size_t rtmap_cap;             /* slots (a power of 2); grown, never shrunk */
+	uint32_t rtmap_gen;           /* slots of other generations are empty */
 	/* ids to report (worker thread) */
 	struct _kvrt_pend *pend;      /* delayed frees and async loads in flight */
 	size_t npend, pend_cap;
@@ -394,22 +397,65 @@ struct _kvrt_rt {
 			      * and entries start at offsets that are multiples of 4) */
 };
 
-static bool rt_find(const uint8_t *tab, uint32_t nreq, const uint8_t *end, uint64_t hash,
-		    struct _kvrt_rt *out)
+/* A slot of the worker's map from id hash to the frame's table entry. */
+struct _kvrt_rtslot {
+	const uint8_t *p; /* the entry in the frame */
+	uint64_t hash;    /* its id hash */
+	int64_t preq;     /* its plan request (index into preqs), or -1 */
+	uint32_t gen;     /* the bind that filled it: empty unless rtmap_gen */
+};
+
+static size_t rt_slot(const struct kvrt_worker *w, uint64_t hash)
 {
+	size_t m = w->rtmap_cap - 1;
+	size_t i = (size_t)((hash * 0x9e3779b97f4a7c15ull) >> 17) & m;
+	while (w->rtmap[i].gen == w->rtmap_gen && w->rtmap[i].hash != hash)
+		i = (i + 1) & m;
+	return i;
+}
+
+/* Index the frame's table (validated by frame_open): the first entry of
+ * each hash wins, as a scan from the start would find. */
+static int rt_index(struct kvrt_worker *w, const uint8_t *tab, uint32_t nreq)
+{
+	size_t cap = w->rtmap_cap ? w->rtmap_cap : 64;
+	while (cap < 2 * (size_t)nreq + 2)
+		cap *= 2;
+	if (cap != w->rtmap_cap) {
+		struct _kvrt_rtslot *m = malloc(cap * sizeof(*m));
+		if (!m)
+			return -ENOMEM;
+		free(w->rtmap);
+		w->rtmap = m;
+		w->rtmap_cap = cap;
+		w->rtmap_gen = 0;
+	}
+	/* A new generation empties every slot; clear them (to generation 0)
+	 * only when the counter starts over (a fresh map, or a wrap). */
+	if (++w->rtmap_gen <= 1) {
+		w->rtmap_gen = 1;
+		memset(w->rtmap, 0, w->rtmap_cap * sizeof(*w->rtmap));
+	}
 	const uint8_t *p = tab;
 	for (uint32_t i = 0; i < nreq; i++) {
-		uint32_t ntok = kvrt_get_le32(p + 20);
-		if (kvrt_get_le64(p) == hash) {
-			*out = (struct _kvrt_rt){kvrt_get_le64(p), kvrt_get_le64(p + 8), kvrt_get_le32(p + 16), ntok,
-						 (const uint32_t *)(const void *)(p + 24)};
-			return true;
-		}
-		p += 24 + 4 * (size_t)ntok;
-		if (p > end)
-			return false;
+		uint64_t h = kvrt_get_le64(p);
+		size_t k = rt_slot(w, h);
+		if (w->rtmap[k].gen != w->rtmap_gen)
+			w->rtmap[k] = (struct _kvrt_rtslot){p, h, -1, w->rtmap_gen};
+		p += 24 + 4 * (size_t)kvrt_get_le32(p + 20);
 	}
-	return false;
+	return 0;
+}
+
+static struct _kvrt_rtslot *rt_find(struct kvrt_worker *w, uint64_t hash, struct _kvrt_rt *out)
+{
+	struct _kvrt_rtslot *sl = &w->rtmap[rt_slot(w, hash)];
+	if (sl->gen != w->rtmap_gen)
+		return NULL;
+	const uint8_t *p = sl->p;
+	*out = (struct _kvrt_rt){kvrt_get_le64(p), kvrt_get_le64(p + 8), kvrt_get_le32(p + 16),
+				 kvrt_get_le32(p + 20), (const uint32_t *)(const void *)(p + 24)};
+	return sl;
 }
 
 /* Validate the frame; on success the meta view and the table. */
@@ -439,13 +485,13 @@ static int frame_open(const uint8_t *f, size_t len, struct kvrt_meta_view *v, co
 }
 
 static struct kvrt_plan_req *plan_get(struct kvrt_worker *w, size_t *n, uint64_t hash,
-				      const struct _kvrt_rt *rt)
+				      const struct _kvrt_rt *rt, struct _kvrt_rtslot *sl)
 {
-	for (size_t i = 0; i < *n; i++)
-		if (w->preqs[i].req_id == hash)
-			return &w->preqs[i];
+	if (sl->preq >= 0)
+		return &w->preqs[sl->preq];
 	if (grow((void **)&w->preqs, &w->preqs_cap, *n + 1, sizeof(*w->preqs)))
 		return NULL;
+	sl->preq = (int64_t)*n;
 	struct kvrt_plan_req *r = &w->preqs[(*n)++];
 	*r = (struct kvrt_plan_req){.req_id = hash, .ns_hash = rt->ns, .tokens = rt->tok,
 				    .num_tokens = rt->ntok, .prompt_tokens = rt->prompt};
@@ -467,7 +513,8 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 		kvrt_engine_bind_step(w->e, &(struct kvrt_step_plan){0});
 		return -EBADMSG;
 	}
-	const uint8_t *end = w->frame + len;
+	if (rt_index(w, tab, nreq))
+		return -ENOMEM;
 	uint32_t bs = v.block_size, cs = v.chunk_size;
 	/* Pass 1: the requests, their block-table and key sizes. */
 	size_t n = 0, nblk = 0, nkeys = 0;
@@ -477,13 +524,14 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 	for (int l = KVRT_META_LOADS; l <= KVRT_META_SAVES; l++) {
 		for (kvrt_meta_iter_init(&it, &v, (enum kvrt_meta_list)l); kvrt_meta_iter_next(&it, &item);) {
 			struct _kvrt_rt rt;
-			if (!rt_find(tab, nreq, end, item.id_hash, &rt)) {
+			struct _kvrt_rtslot *sl = rt_find(w, item.id_hash, &rt);
+			if (!sl) {
 				kvrt_error("kvrt: step metadata names request %.*s without its tokens",
 					   (int)item.id_len, item.id);
 				ret = -EINVAL;
 				continue;
 			}
-			struct kvrt_plan_req *r = plan_get(w, &n, item.id_hash, &rt);
+			struct kvrt_plan_req *r = plan_get(w, &n, item.id_hash, &rt, sl);
 			if (!r)
 				return -ENOMEM;
 			if (l == KVRT_META_LOADS) {
@@ -524,12 +572,11 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 	}
 	for (int l = KVRT_META_LOADS; l <= KVRT_META_SAVES; l++) {
 		for (kvrt_meta_iter_init(&it, &v, (enum kvrt_meta_list)l); kvrt_meta_iter_next(&it, &item);) {
-			struct kvrt_plan_req *r = NULL;
-			for (size_t i = 0; i < n && !r; i++)
-				if (w->preqs[i].req_id == item.id_hash)
-					r = &w->preqs[i];
-			if (!r)
+			struct _kvrt_rt rt;
+			struct _kvrt_rtslot *sl = rt_find(w, item.id_hash, &rt);
+			if (!sl || sl->preq < 0)
 				continue;
+			struct kvrt_plan_req *r = &w->preqs[sl->preq];
 			int32_t *bt = (int32_t *)r->block_ids;
 			uint32_t b0 = item.token_start / bs;
 			for (uint32_t b = 0; b < item.num_blocks && b0 + b < r->num_blocks; b++)
@@ -732,6 +779,7 @@ void kvrt_worker_destroy(struct kvrt_worker *w)
 	free(w->blocks);
 	free(w->keys);
 	free(w->frame);
+	free(w->rtmap);
 	free(w->instance);
 	free(w);
 }
@@ -756,6 +804,7 @@ struct _kvrt_sreq_state {
 	int32_t *load_blk;      /* blocks [load_start/bs, (load_end-1)/bs] */
 	uint32_t load_nblk;
 	struct _kvrt_sreq_state *next; /* hash chain */
+	char idbuf[];           /* id's storage (id points here): one allocation */
 };
 
 #define _SCHED_BUCKETS 1024u
@@ -771,6 +820,11 @@ struct kvrt_sched {
 	struct kvrt_lsock_client *lsock; /* the ranks' lookup sockets, or NULL */
 	bool lsock_off;                /* lookup sockets not used (not wanted or failed) */
 	struct _kvrt_sreq_state *tab[_SCHED_BUCKETS]; /* requests by hash */
+	uint32_t nload;                /* requests with load set: build_meta scans
+					* the table only when some */
+	uint64_t plain_ns;             /* req_ns of a request without lora, salt or
+					* extra (the common case), once plain_ns_set */
+	bool plain_ns_set;
 	struct kvrt_bytes *delayed;    /* ids freed with delay_free, for the next meta */
 	uint32_t ndelayed, delayed_cap;
 	/* build scratch */
@@ -803,14 +857,10 @@ static struct _kvrt_sreq_state *sget(struct kvrt_sched *s, const char *id, uint3
 	struct _kvrt_sreq_state **pp = sfind(s, id, len, h);
 	if (*pp)
 		return *pp;
-	struct _kvrt_sreq_state *q = calloc(1, sizeof(*q));
+	struct _kvrt_sreq_state *q = calloc(1, sizeof(*q) + (len ? len : 1));
 	if (!q)
 		return NULL;
-	q->id = malloc(len);
-	if (!q->id) {
-		free(q);
-		return NULL;
-	}
+	q->id = q->idbuf;
 	memcpy(q->id, id, len);
 	q->id_len = len;
 	q->hash = h;
@@ -819,8 +869,25 @@ static struct _kvrt_sreq_state *sget(struct kvrt_sched *s, const char *id, uint3
 	return q;
 }
 
-static void sload_clear(struct _kvrt_sreq_state *q)
+/* req_ns, remembered for plain requests: lora_name NULL or "" (the same
+ * bytes to the namespace hash), lora_id 0, no salt, no extra. */
+static uint64_t sched_req_ns(struct kvrt_sched *s, const struct kvrt_request *r)
 {
+	bool plain = (!r->lora_name || !r->lora_name[0]) && !r->lora_id && !r->cache_salt.len &&
+		     !r->num_extra;
+	if (!plain)
+		return req_ns(&s->o, r);
+	if (!s->plain_ns_set) {
+		s->plain_ns = req_ns(&s->o, r);
+		s->plain_ns_set = true;
+	}
+	return s->plain_ns;
+}
+
+static void sload_clear(struct kvrt_sched *s, struct _kvrt_sreq_state *q)
+{
+	if (q->load)
+		s->nload--;
 	free(q->load_tok);
 	free(q->load_blk);
 	q->load_tok = NULL;
@@ -828,10 +895,9 @@ static void sload_clear(struct _kvrt_sreq_state *q)
 	q->load = false;
 }
 
-static void sfree(struct _kvrt_sreq_state *q)
+static void sfree(struct kvrt_sched *s, struct _kvrt_sreq_state *q)
 {
-	sload_clear(q);
-	free(q->id);
+	sload_clear(s, q);
 	free(q);
 }
 
@@ -890,7 +956,7 @@ void kvrt_sched_destroy(struct kvrt_sched *s)
 				kvrt_engine_release(w->e, q->hash);
 			else if (s->lsock)
 				kvrt_lsock_client_release(s->lsock, q->hash);
-			sfree(q);
+			sfree(s, q);
 		}
 	pthread_rwlock_unlock(&reg_lock);
 	kvrt_lsock_client_destroy(s->lsock);
@@ -982,7 +1048,7 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 	struct _kvrt_sreq_state *q = sget(s, r->id, r->id_len);
 	if (!q)
 		goto out;
-	q->ns = req_ns(&s->o, r);
+	q->ns = sched_req_ns(s, r);
 	q->hit = 0;
 	q->async = false;
 	/* Only the prompt is looked up (decode KV is saved only on request). */
@@ -1048,12 +1114,12 @@ int kvrt_sched_after_alloc(struct kvrt_sched *s, const struct kvrt_request *r, c
 			   (int)r->id_len, r->id, num_external, num_computed, q->hit);
 		goto out;
 	}
-	sload_clear(q);
+	sload_clear(s, q);
 	uint32_t b0 = start / s->bs, b1 = (end - 1) / s->bs + 1;
 	q->load_tok = malloc((size_t)q->hit * sizeof(uint32_t));
 	q->load_blk = malloc((size_t)(b1 - b0) * sizeof(int32_t));
 	if (!q->load_tok || !q->load_blk) {
-		sload_clear(q);
+		sload_clear(s, q);
 		rc = -ENOMEM;
 		goto out;
 	}
@@ -1063,6 +1129,7 @@ int kvrt_sched_after_alloc(struct kvrt_sched *s, const struct kvrt_request *r, c
 	q->load_start = start;
 	q->load_end = end;
 	q->load = true;
+	s->nload++;
 	/* Loaded chunks are cached already: never save them again. */
 	if (end / s->cs > q->saved_chunks)
 		q->saved_chunks = end / s->cs;
@@ -1145,7 +1212,7 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 	size_t nitems = 0, nkeys = 0, nblk = 0, nrt = 0;
 	/* Upper bounds for the scratch arrays. */
 	size_t want_items = st->num_reqs, want_keys = 0, want_blk = 0;
-	for (uint32_t b = 0; b < _SCHED_BUCKETS; b++)
+	for (uint32_t b = 0; s->nload && b < _SCHED_BUCKETS; b++)
 		for (struct _kvrt_sreq_state *q = s->tab[b]; q; q = q->next)
 			if (q->load) {
 				want_items++;
@@ -1164,7 +1231,7 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 		goto out;
 	}
 	/* Loads planned by after_alloc. */
-	for (uint32_t b = 0; b < _SCHED_BUCKETS; b++)
+	for (uint32_t b = 0; s->nload && b < _SCHED_BUCKETS; b++)
 		for (struct _kvrt_sreq_state *q = s->tab[b]; q; q = q->next) {
 			if (!q->load)
 				continue;
@@ -1204,7 +1271,7 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 			goto out;
 		}
 		if (!q->ns)
-			q->ns = req_ns(&s->o, r);
+			q->ns = sched_req_ns(s, r);
 		uint32_t first, lt;
 		bool tail;
 		uint32_t end = save_range(s, q, sr->num_computed, r->prompt_tokens, &first, &lt, &tail);
@@ -1247,8 +1314,10 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 	}
 	/* Preempted requests: their blocks are gone; they start over. */
 	uint32_t nids = 0;
-	pthread_rwlock_rdlock(&reg_lock);
-	struct kvrt_worker *w = reg_find(s->instance);
+	bool anypre = st->num_preempted > 0; /* the registry lock only when needed */
+	if (anypre)
+		pthread_rwlock_rdlock(&reg_lock);
+	struct kvrt_worker *w = anypre ? reg_find(s->instance) : NULL;
 	for (uint32_t i = 0; i < st->num_preempted; i++) {
 		const struct kvrt_bytes *b = &st->preempted[i];
 		if (!b->len || b->len > KVRT_META_MAX_ID_LEN)
@@ -1257,13 +1326,14 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 		if (q) {
 			q->saved_chunks = 0;
 			q->tail_saved = false;
-			sload_clear(q);
+			sload_clear(s, q);
 			if (w)
 				kvrt_engine_release(w->e, q->hash);
 		}
 		s->ids[nids++] = (struct kvrt_meta_id){b->data, (uint32_t)b->len};
 	}
-	pthread_rwlock_unlock(&reg_lock);
+	if (anypre)
+		pthread_rwlock_unlock(&reg_lock);
 	uint32_t npre = nids;
 	for (uint32_t i = 0; i < s->ndelayed; i++)
 		s->ids[nids++] = (struct kvrt_meta_id){s->delayed[i].data, (uint32_t)s->delayed[i].len};
@@ -1310,10 +1380,10 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 	*meta = s->out;
 	*len = (size_t)(o - s->out);
 	/* The loads are in this message; the ids are announced. */
-	for (uint32_t b = 0; b < _SCHED_BUCKETS; b++)
+	for (uint32_t b = 0; s->nload && b < _SCHED_BUCKETS; b++)
 		for (struct _kvrt_sreq_state *q = s->tab[b]; q; q = q->next)
 			if (q->load)
-				sload_clear(q);
+				sload_clear(s, q);
 	for (uint32_t i = 0; i < s->ndelayed; i++)
 		free((void *)s->delayed[i].data);
 	s->ndelayed = 0;
@@ -1354,7 +1424,7 @@ int kvrt_sched_finished(struct kvrt_sched *s, const char *id, uint32_t id_len, b
 				free(c);
 			}
 		}
-		sfree(q);
+		sfree(s, q);
 	}
 	pthread_mutex_unlock(&s->mu);
 	return 0;
