@@ -1,5 +1,5 @@
 """Harness that drives vLLM's REAL v1 Scheduler and the worker-side KV
-connector on CPU tensors (derived from vllm_probe.py; see VLLM-RECIPE.md).
+connector on CPU tensors (the recipe: VLLM-RECIPE.md).
 
 Import this only after the environment is set (conftest.py does it).
 """
