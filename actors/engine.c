@@ -598,6 +598,35 @@ static void finish_previous(struct kvrt_engine *e)
 	 * step's layers it is done with it. */
 	if (_kvrt_pub_wait(&e->load_pub, e->load_next, _WAIT_LIMIT_NS))
 		kvrt_error("engine: the load actor did not finish a step in 60 s");
+	/* The save actor reads the step at SAVE_BEGIN and is done with it once
+	 * it handled SAVE_END. Normally long done; it lags only when gathers
+	 * two steps back are still running (save.c's two plans): that wait is
+	 * the back-pressure that bounds the saves in flight. */
+	if (_kvrt_pub_wait(&e->save_pub, e->save_next, _WAIT_LIMIT_NS))
+		kvrt_error("engine: the save actor did not take a step's saves in 60 s");
+}
+
+/* Order every gather issued so far before later work on the compute stream
+ * (CUDA: a stream wait, no CPU wait; host: the CPU waits). */
+static int save_barrier(struct kvrt_engine *e)
+{
+	if (!e->any_save)
+		return 0;
+	if (_kvrt_pub_wait(&e->save_pub, e->save_next, _WAIT_LIMIT_NS)) {
+		kvrt_error("engine: the save actor did not issue its gathers in 60 s");
+		return -ETIMEDOUT;
+	}
+	return kvrt_stream_wait_event(e->compute, e->save_done);
+}
+
+int kvrt_engine_save_barrier(struct kvrt_engine *e)
+{
+	if (!e->registered)
+		return 0;
+	struct _kvrt_step *st = &e->step;
+	if (st->save_posted && !st->save_ended)
+		kvrt_engine_wait_save(e);
+	return save_barrier(e);
 }
 
 int kvrt_engine_bind_step(struct kvrt_engine *e, const struct kvrt_step_plan *p)
@@ -605,6 +634,8 @@ int kvrt_engine_bind_step(struct kvrt_engine *e, const struct kvrt_step_plan *p)
 	if (!e->registered)
 		return -ENODEV;
 	finish_previous(e);
+	if (p && p->preempted && save_barrier(e))
+		kvrt_error("engine: gathers in flight may read blocks vLLM freed on preemption");
 	struct _kvrt_step *st = &e->step;
 	st->gen++;
 	st->nreq = 0;
@@ -813,11 +844,10 @@ int kvrt_engine_wait_save(struct kvrt_engine *e)
 		return rc;
 	}
 	st->save_target = ++e->save_next;
-	if ((rc = _kvrt_pub_wait(&e->save_pub, st->save_target, _WAIT_LIMIT_NS))) {
-		kvrt_error("engine: the save actor did not issue step %u's gathers in 60 s", st->gen);
-		return rc;
-	}
-	return kvrt_stream_wait_event(e->compute, e->save_done);
+	/* No wait: the gathers read blocks vLLM keeps until get_finished
+	 * reports the request (delay_free) or, on preemption, until the next
+	 * bind's barrier. The next bind waits for the actor to take the step. */
+	return 0;
 }
 
 /* --- worker side: results ------------------------------------------------------ */

@@ -153,6 +153,8 @@ struct kvrt_plan_req {
 struct kvrt_step_plan {
 	const struct kvrt_plan_req *reqs; /* [num_reqs] */
 	uint32_t num_reqs;
+	bool preempted; /* vLLM freed preempted requests' blocks before this
+			 * step: gathers still reading them finish first */
 };
 
 /* get_finished's answer; arrays are the caller's. Ids that do not fit stay
@@ -270,9 +272,20 @@ int kvrt_engine_wait_layer(struct kvrt_engine *e, uint32_t layer);
  * blocks: a full mailbox skips the step's save (counted). 0 or -EINVAL. */
 int kvrt_engine_save_layer(struct kvrt_engine *e, uint32_t layer);
 
-/* wait_for_save: returns once the gathers that read vLLM's blocks are done
- * (CUDA: ordered before later work on the compute stream). 0 or -EIO. */
+/* wait_for_save: ends the step's saves and returns without waiting for
+ * their gathers. The gathers read vLLM's blocks after the forward moved on:
+ * that is safe because vLLM rewrites a block only after it freed it, and
+ * it frees a saving request's blocks only when get_finished reports it
+ * (delay_free) or on preemption (the next bind_step with preempted set, or
+ * kvrt_engine_save_barrier, orders the gathers first). The next bind_step
+ * waits for the save actor to take the step (it lags only when gathers two
+ * steps back still run: the back-pressure). 0 or -ESHUTDOWN. */
 int kvrt_engine_wait_save(struct kvrt_engine *e);
+
+/* handle_preemptions: every gather issued so far is ordered before later
+ * work on the compute stream (CUDA: a stream wait; host: the CPU waits).
+ * 0 or -ETIMEDOUT. */
+int kvrt_engine_save_barrier(struct kvrt_engine *e);
 
 /* get_finished: delayed[0..n) are requests the connector freed with
  * delay_free; each is reported in out->sending exactly once, when no

@@ -600,14 +600,14 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 	for (kvrt_meta_iter_init(&it, &v, KVRT_META_FINISHED); kvrt_meta_iter_next(&it, &item);)
 		if (pend_add(w, item.id_hash, true, item.id, item.id_len))
 			return -ENOMEM;
-	int rc = kvrt_engine_bind_step(w->e, &(struct kvrt_step_plan){w->preqs, (uint32_t)n});
+	int rc = kvrt_engine_bind_step(w->e, &(struct kvrt_step_plan){w->preqs, (uint32_t)n,
+								       v.count[KVRT_META_PREEMPTED] > 0});
 	return rc ? rc : ret;
 }
 
 int kvrt_worker_preempted(struct kvrt_worker *w)
 {
-	(void)w;
-	return 0;
+	return w->registered ? kvrt_engine_save_barrier(w->e) : 0;
 }
 
 int kvrt_worker_start_load(struct kvrt_worker *w)
@@ -1408,11 +1408,12 @@ int kvrt_sched_finished(struct kvrt_sched *s, const char *id, uint32_t id_len, b
 		kvrt_lsock_client_release(s->lsock, h);
 	pthread_rwlock_unlock(&reg_lock);
 	if (q) {
-		/* Saved from its blocks in the last step built: the gathers may
-		 * still read them when vLLM frees them. Keep them until the
-		 * worker says so (the id goes in the next metadata). */
+		/* Saved from its blocks: gathers may still read them (wait_save
+		 * does not wait for them). Keep the blocks until the workers
+		 * say the request's saves are done: the id goes in the next
+		 * metadata, get_finished reports it. */
 		*pp = q->next;
-		if (s->step && q->save_step == s->step - 1 && w) {
+		if (q->save_step != UINT64_MAX) {
 			size_t cap = s->delayed_cap;
 			char *c = malloc(id_len);
 			if (c && !grow((void **)&s->delayed, &cap, s->ndelayed + 1, sizeof(*s->delayed))) {

@@ -199,14 +199,23 @@ KVRT_API int kvrt_worker_register(struct kvrt_worker *w, const struct kvrt_tenso
  * request dropped, logged), -ENOMEM, -ENODEV (not registered). */
 KVRT_API int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len);
 
-/* handle_preemptions: nothing kvrt holds refers to a preempted request's
- * blocks after its step (loads and saves finish within their step; async
- * loads keep their blocks, which vLLM does not free while it waits). 0. */
+/* handle_preemptions (call it when the step's metadata lists preempted
+ * requests, before the forward): vLLM freed their blocks, and saves of
+ * earlier steps may still read them (wait_save does not wait for its
+ * gathers). Orders every gather issued so far before later work on the
+ * compute stream (CUDA: a stream wait; host backend: the CPU waits).
+ * kvrt_worker_bind does the same when the metadata lists preemptions.
+ * Async loads keep their blocks: vLLM does not free them while it waits.
+ * 0 or -ETIMEDOUT. */
 KVRT_API int kvrt_worker_preempted(struct kvrt_worker *w);
 
 KVRT_API int kvrt_worker_start_load(struct kvrt_worker *w);
 KVRT_API int kvrt_worker_wait_layer(struct kvrt_worker *w, uint32_t layer);
 KVRT_API int kvrt_worker_save_layer(struct kvrt_worker *w, uint32_t layer);
+/* wait_for_save: ends the step's saves without waiting for their copies,
+ * which read blocks vLLM keeps (delay_free, see kvrt_sched_finished) while
+ * the next steps run. The next bind waits only when copies of two steps
+ * back are still running (the bound on saves in flight). */
 KVRT_API int kvrt_worker_wait_save(struct kvrt_worker *w);
 
 /* get_finished: request ids done since the last call, written to buf as
@@ -286,8 +295,9 @@ KVRT_API int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched
 				   const void **meta, size_t *len);
 
 /* request_finished: forget the request, release its lookup pins.
- * *delay_free = true when its last step saved from its blocks: vLLM must
- * keep them until the worker reports the id in get_finished's first set. 0. */
+ * *delay_free = true when any step saved from its blocks (copies may still
+ * read them): vLLM must keep them until the workers report the id in
+ * get_finished's first set (one step later at the soonest). 0. */
 KVRT_API int kvrt_sched_finished(struct kvrt_sched *s, const char *id, uint32_t id_len,
 				 bool *delay_free);
 

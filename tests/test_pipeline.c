@@ -2,12 +2,16 @@
  * backend: round trips in every layout, layer ordering and overlap, many
  * requests at once, abort, preemption, chunks evicted or corrupted between
  * lookup and load, async loads (from the CPU tier and from disk), the save
- * policy flags, delayed frees; every test ends with no pin held. */
+ * policy flags, delayed frees, saves still copying while later steps run
+ * (and a preemption's barrier); every test ends with no pin held. */
 #include <criterion/criterion.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "actors/pipeline.h"
 #include "tests/test_pipeline_util.h"
 
 static struct kvrt_engine_config base_cfg(uint32_t cs)
@@ -516,6 +520,87 @@ Test(pipeline, delayed_free_reported_once)
 	cr_assert_eq(seen_b, 1);
 	preq_fini(&g, &a);
 	preq_fini(&g, &b);
+	prig_down(&g);
+}
+
+/* --- saves in flight across steps ---------------------------------------------------- */
+
+/* A gate on the save stream: work queued behind it waits until it opens
+ * (or 20 s pass, so a broken engine fails the test instead of hanging). */
+struct gate {
+	atomic_int open;
+	_Atomic uint64_t opened_ns;
+};
+
+static void gate_fn(void *arg)
+{
+	struct gate *gt = arg;
+	uint64_t t0 = kvrt_now_ns();
+	while (!atomic_load(&gt->open) && kvrt_now_ns() - t0 < 20000000000ull) {
+		struct timespec ts = {0, 1000000};
+		nanosleep(&ts, NULL);
+	}
+}
+
+static void *gate_opener(void *arg)
+{
+	struct gate *gt = arg;
+	usleep(200000);
+	atomic_store(&gt->opened_ns, kvrt_now_ns());
+	atomic_store(&gt->open, 1);
+	return NULL;
+}
+
+Test(pipeline, saves_overlap_later_steps_and_preemption_orders_them)
+{
+	struct kt_spec s = small_spec();
+	struct prig g;
+	prig_up(&g, &s, base_cfg(16), 21);
+	struct preq a;
+	preq_make(&g, &a, 91, 64, NULL, 0);
+	preq_snapshot(&g, &a);
+	struct gate gt = {0};
+	cr_assert_eq(kvrt_stream_host_fn(g.e->sstream, gate_fn, &gt), 0);
+	/* The step that saves a: wait_save returns with its copies queued. */
+	struct kvrt_plan_req pr = preq_plan(&g, &a);
+	pr.save_start = 0;
+	pr.save_end = a.T;
+	uint64_t t0 = kvrt_now_ns();
+	prig_step(&g, &pr, 1, NULL, NULL);
+	cr_assert(!atomic_load(&gt.open));
+	cr_assert_lt(kvrt_now_ns() - t0, 5000000000ull, "the step waited for its saves' copies");
+	/* a finished with delay_free: not reported while its copies wait. */
+	uint64_t delayed[] = {a.id}, sending[4], recving[4], failed[4];
+	struct kvrt_finished fin = {.sending = sending, .sending_cap = 4, .recving = recving, .recving_cap = 4,
+				    .failed = failed, .failed_cap = 4};
+	cr_assert_eq(kvrt_engine_get_finished(g.e, delayed, 1, &fin), 0);
+	cr_assert_eq(fin.num_sending, 0, "reported before its saves read its blocks");
+	/* Preempted instead: vLLM freed a's blocks and this step's forward
+	 * writes them. The bind must not return before the copies ran. */
+	pthread_t th;
+	cr_assert_eq(pthread_create(&th, NULL, gate_opener, &gt), 0);
+	struct kvrt_step_plan p = {.preempted = true};
+	cr_assert_eq(kvrt_engine_bind_step(g.e, &p), 0);
+	uint64_t back = kvrt_now_ns();
+	pthread_join(th, NULL);
+	cr_assert_geq(back, atomic_load(&gt.opened_ns), "bind returned before the saves' copies could run");
+	prig_poison(&g); /* the forward rewrites every block, a's included */
+	cr_assert_eq(kvrt_engine_start_load(g.e), 0);
+	cr_assert_eq(kvrt_engine_wait_save(g.e), 0);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	/* What was saved is a's KV from before the rewrite. */
+	uint32_t hit, from = 0;
+	struct preq *r[] = {&a};
+	lookup_all(&g, r, 1, &hit);
+	cr_assert_eq(hit, a.T);
+	load_and_check(&g, r, 1, &hit, &from, &hit);
+	cr_assert_eq(kvrt_engine_get_finished(g.e, NULL, 0, &fin), 0);
+	cr_assert_eq(fin.num_sending, 1);
+	cr_assert_eq(sending[0], a.id);
+	kvrt_engine_release(g.e, a.id);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0, "pins leaked");
+	preq_fini(&g, &a);
 	prig_down(&g);
 }
 

@@ -322,8 +322,14 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             raise ValueError(f"kvrt: register_kv_caches failed ({rc})")
 
     def handle_preemptions(self, kv_connector_metadata=None, *args):
-        # Older vLLM passes a set of request ids, newer the metadata.
-        self._lib.kvrt_worker_preempted(self._worker)
+        # Older vLLM passes a set of request ids, newer the metadata. vLLM
+        # freed the preempted requests' blocks: saves still copying from
+        # them must finish before this step's forward writes there.
+        pre = getattr(kv_connector_metadata, "preempted", kv_connector_metadata)
+        if pre and self._worker is not None:
+            rc = self._lib.kvrt_worker_preempted(self._worker)
+            if rc:
+                log.error("kvrt: handle_preemptions: %d", rc)
 
     def bind_connector_metadata(self, connector_metadata):
         super().bind_connector_metadata(connector_metadata)
