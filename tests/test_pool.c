@@ -1,11 +1,13 @@
 /* tests/test_pool.c: the CPU chunk pool (actors/pool.h): budget, slabs that
  * never overlap, exhaustion as back-pressure, the hand-off ring to other
- * threads, and the pin hook. */
+ * threads, the pin hook, and populate. */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "actors/pool.h"
 #include "tests/test_util.h"
@@ -236,4 +238,24 @@ Test(pool, pinned_in_regions)
 		     -ENOMEM);
 	cr_expect_eq(l2.pins, 1);
 	cr_expect_eq(l2.unpins, 1);
+}
+
+/* populate: every page of the pool is resident once create returns, so no
+ * step's save pays a page fault (the engine creates its pool this way). */
+Test(pool, populate_faults_pages_in)
+{
+	struct kvrt_pool *p;
+	cr_assert_eq(kvrt_pool_create(&p, &(struct kvrt_pool_config){.budget_bytes = 4u << 20,
+								      .slab_bytes = 64 << 10,
+								      .populate = true,
+								      .no_hugetlb = true}),
+		     0);
+	long pg = sysconf(_SC_PAGESIZE);
+	for (uint32_t s = 0; s < kvrt_pool_slabs(p); s++) {
+		unsigned char vec[16];
+		cr_assert_eq(mincore(kvrt_pool_addr(p, s), 64 << 10, vec), 0);
+		for (long i = 0; i < (64 << 10) / pg; i++)
+			cr_assert(vec[i] & 1, "slab %u page %ld not resident", s, i);
+	}
+	kvrt_pool_destroy(p);
 }
