@@ -15,7 +15,8 @@
  *   release store and the worker waits on (acquire; spin, then futex).
  *   load_pub grows by one per layer the load actor issued (its event
  *   recorded), save_pub by one per step whose gathers the save actor issued
- *   (save_done recorded). The worker keeps the values it expects and
+ *   (save_done recorded), save_taken by one per SAVE_BEGIN handled (the
+ *   save actor read e->step). The worker keeps the values it expects and
  *   compares wrap-safely.
  * - Results (load errors, finished async loads) go through res_mu, taken
  *   once per request load by the load actor and once per call by the
@@ -140,12 +141,14 @@ struct kvrt_engine {
 	struct kvrt_save *save;        /* save actor */
 	struct _kvrt_pub load_pub KVRT_CL_ALIGNED; /* layers issued (load actor) */
 	struct _kvrt_pub save_pub KVRT_CL_ALIGNED; /* steps whose gathers are issued (save actor) */
+	struct _kvrt_pub save_taken KVRT_CL_ALIGNED; /* SAVE_BEGINs handled: e->step read (save actor) */
 	_Atomic uint32_t save_completed KVRT_CL_ALIGNED; /* gen of the last step whose gathers
 							  * completed (save actor, release) */
 	/* Worker thread only. */
 	struct _kvrt_step step;        /* the bound step */
 	uint32_t load_next;            /* load_pub once every posted step is issued */
 	uint32_t save_next;            /* save_pub once every posted save step is issued */
+	uint32_t save_begins;          /* save_taken once every posted SAVE_BEGIN is handled */
 	uint32_t last_save_gen;        /* last step that posted saves */
 	bool any_save;                 /* some step did */
 	struct _kvrt_lastsave *ls;     /* open-addressing map req -> gen of its last save */

@@ -9,12 +9,14 @@
  * the chunks to save (engine.h: full chunks completed this step, the
  * prompt's tail, decode chunks by config), skips those already cached,
  * takes a slab for each (none free: the rest of that request is skipped and
- * counted; the step never waits for eviction), and uploads the plan.
- * SAVE_LAYER(l) (posted by save_layer after recording the compute stream's
+ * counted; the step never waits for eviction), uploads the plan and
+ * publishes save_taken (the next bind waits for that before it rewrites
+ * e->step). SAVE_LAYER(l) (posted by save_layer after recording the compute stream's
  * progress in save_cev[l]) makes the save stream wait for that point and
- * gathers layer l of every chunk. SAVE_END (posted by wait_save) records
- * save_done behind the gathers, publishes save_pub (the worker then waits
- * on save_done) and posts SAVE_DONE behind them on the save stream: once
+ * gathers layer l of every chunk. SAVE_END (posted by wait_save, which
+ * does not wait for it) records save_done behind the gathers, publishes
+ * save_pub (a preemption's barrier waits for it, then on save_done) and
+ * posts SAVE_DONE behind them on the save stream: once
  * the gathers completed, complete chunks go to the evict actor for
  * admission; chunks missing a layer are dropped. save_completed then says
  * the step's gathers are done (get_finished's delayed-free requests).
@@ -277,7 +279,10 @@ static void handle(struct kvrt_actor *a, struct kvrt_msg *m)
 {
 	struct kvrt_save *s = kvrt_actor_data(a);
 	switch (m->type) {
-	case _SAVE_BEGIN: on_begin(s, m->arg32); break;
+	case _SAVE_BEGIN:
+		on_begin(s, m->arg32);
+		_kvrt_pub_add(&s->e->save_taken, 1); /* the worker may rewrite e->step */
+		break;
 	case _SAVE_LAYER: on_layer(s, m->arg32, (uint32_t)m->arg.u64[0]); break;
 	case _SAVE_END: on_end(s, m->arg32); break;
 	case _SAVE_DONE: on_done(s, m->arg.ptr[0]); break;
