@@ -990,6 +990,11 @@ int kvrt_sched_reset_cache(struct kvrt_sched *s)
 	return kept ? -EBUSY : 0;
 }
 
+int kvrt_sched_config_get(struct kvrt_sched *s, const char *key, char *buf, size_t len)
+{
+	return kvrt_config_get(&s->cfg, key, buf, len);
+}
+
 bool kvrt_sched_sees_worker(struct kvrt_sched *s)
 {
 	pthread_rwlock_rdlock(&reg_lock);

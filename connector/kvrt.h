@@ -313,6 +313,12 @@ KVRT_API int kvrt_sched_reset_cache(struct kvrt_sched *s);
 /* True when the worker is visible in this process (lookups can hit). */
 KVRT_API bool kvrt_sched_sees_worker(struct kvrt_sched *s);
 
+/* One key of the scheduler's effective config (defaults, config file,
+ * environment and vLLM's extra config applied) as text, e.g.
+ * "save_decode_cache" -> "false". 0, -EINVAL (unknown key), -ENOSPC
+ * (truncated). */
+KVRT_API int kvrt_sched_config_get(struct kvrt_sched *s, const char *key, char *buf, size_t len);
+
 /* --- debug (tests only) ----------------------------------------------------- */
 
 /* Overwrite chunk `chunk` of request r's key chain (as the scheduler keys

@@ -353,3 +353,28 @@ def test_lora_isolates(model_dir):
         assert pins(eng) == 0
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_save_decode_cache(model_dir, decode):
+    """Decode KV is saved only with save_decode_cache (the shim skips
+    requests past their prompt otherwise); config_get reads kvrt's config."""
+    eng = engine(model_dir, {"save_decode_cache": "true" if decode else "false"})
+    try:
+        assert eng.sc.config_get("save_decode_cache") == ("true" if decode else "false")
+        assert eng.sc.config_get("chunk_size") == "16"
+        assert eng.sc.config_get("no_such_key") is None
+        P = H.prompt(6, n=24)                  # a full chunk and an 8-token tail
+        eng.add("A", P, max_tokens=30)         # KV for 24 + 29 tokens
+        eng.run()
+        eng.wc.flush()
+        Q = P + [eng.sent_tokens] * 29 + [1, 2, 3]  # A's tokens, then new ones
+        eng.add("B", Q)
+        _, sched = eng.step()
+        hit = len(Q) - sched["B"]
+        assert hit == (48 if decode else 16), (hit, eng.log[-1])
+        eng.run()
+        eng.assert_empty()
+        assert pins(eng) == 0
+    finally:
+        eng.close()

@@ -106,6 +106,7 @@ def _declare(lib):
         "kvrt_sched_build_meta": (i32, [P, C.POINTER(SchedStep), C.POINTER(P), C.POINTER(sz)]),
         "kvrt_sched_finished": (i32, [P, C.c_char_p, u32, C.POINTER(C.c_bool)]),
         "kvrt_sched_sees_worker": (C.c_bool, [P]),
+        "kvrt_sched_config_get": (i32, [P, C.c_char_p, C.c_char_p, sz]),
         "kvrt_debug_corrupt_chunk": (i32, [P, C.POINTER(Request), u32]),
     }
     for name, (res, args) in sig.items():

@@ -152,6 +152,10 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             self._sched = h
             self._reqs: dict[str, Any] = {}
             self._sstats: dict[str, int] = {}
+            # Decode steps: a request past its prompt saves nothing unless
+            # save_decode_cache is on; build_connector_meta then skips the
+            # per-request call into C (the most common step of serving).
+            self._save_decode = self.config_get("save_decode_cache") == "true"
         else:
             rc = lib.kvrt_worker_create(C.byref(h), C.byref(opts), err, len(err))
             if rc:
@@ -196,6 +200,15 @@ class KvrtConnectorV1(KVConnectorBase_V1):
     def requires_kv_delivery(self) -> bool:
         return False  # a cache: vLLM never waits for kvrt to deliver KV
 
+    def config_get(self, key):
+        """kvrt's effective value of a config key as text (scheduler side),
+        e.g. config_get("chunk_size") -> "256"; None for an unknown key."""
+        if self._sched is None:
+            return None
+        buf = C.create_string_buffer(4096)
+        rc = self._lib.kvrt_sched_config_get(self._sched, key.encode(), buf, len(buf))
+        return buf.value.decode() if rc == 0 else None
+
     # ------------------------------------------------------------ scheduler
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
         prompt = request.prompt_token_ids
@@ -226,6 +239,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             req = self._reqs.get(rid)
             if req is None or req.prompt_token_ids is None:
                 continue
+            if not self._save_decode and req.num_computed_tokens >= req.num_prompt_tokens:
+                continue  # the prompt was saved by earlier steps; decode is not
             rb = rid.encode()
             # schedule() advances num_computed_tokens after this call: the
             # KV that exists after the step is computed + scheduled.
