@@ -89,9 +89,11 @@ struct kvrt_engine_config {
 	uint32_t remote_ttl_s;       /* expiry of written chunks; 0 = none */
 	uint32_t remote_max_pending_writes; /* write-behinds in flight before new
 				      * ones are dropped (counted); 0 = 16 */
-	uint32_t remote_lookup_wait_ms; /* how long a lookup waits for Redis' answer
-				      * (a later lookup sees a late one); 0 = 5,
-				      * capped by remote_timeout_ms */
+	uint32_t remote_lookup_wait_ms; /* how long a request's lookups answer
+				      * -EINPROGRESS while Redis is asked (none
+				      * blocks); then the local answer (a later
+				      * lookup sees a late one); 0 = 5, capped
+				      * by remote_timeout_ms */
 	bool all_at_once;            /* non-layerwise: start_load returns with every
 				      * layer loaded (cross-layer layouts, full CUDA
 				      * graphs); default: one event per layer */
@@ -228,10 +230,12 @@ void kvrt_engine_destroy(struct kvrt_engine *e);
 /* How many leading tokens of tokens[0..n) are cached under ns_hash, and
  * where. Pins every chunk found under req_id (replacing pins req_id held
  * from an earlier lookup: calling it every step is idempotent) and starts
- * promoting the ones found only on disk or in Redis (remote_url: a local
- * miss asks Redis, waiting at most remote_lookup_wait_ms). Only whole chunks count, plus a
- * cached tail of exactly the remaining tokens. 0, -EAGAIN (the lookup
- * actor's mailbox is full: answer "no hit"), -ESHUTDOWN. Before register:
+ * promoting the ones found only on disk or in Redis. Only whole chunks
+ * count, plus a cached tail of exactly the remaining tokens. 0, -EAGAIN
+ * (the lookup actor's mailbox is full: answer "no hit"), -EINPROGRESS
+ * (remote_url: a local miss was asked of Redis, which has not answered:
+ * *out is empty, ask again; for remote_lookup_wait_ms from the first ask,
+ * then the local answer; actors/lookup.c), -ESHUTDOWN. Before register:
  * 0 with nothing found.
  * Answered on the caller's thread (hash, walk and pin through the engine's
  * own index reader, no message) unless a chunk found is not in the CPU tier

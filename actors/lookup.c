@@ -13,13 +13,21 @@
  * Remote tier: chunks another engine wrote to Redis are not in the local
  * index. On a local miss at chunk i (with remote_url set) the actor asks
  * the evict actor to EXISTS keys i.. in Redis (one pipelined round trip) and
- * waits for the answer a bounded time (remote_lookup_wait_ms, 5 ms by
- * default, never more than remote_timeout_ms); the chunks Redis holds are
- * then indexed as tier REMOTE, pinned like any hit, reported as loadable
- * after prefetch (tokens, not tokens_now) and promoted like disk chunks (a
- * read into a fresh slab). An answer that comes late still indexes them: a
- * later lookup of the request finds them. A dead server answers at once
- * (-ENOTCONN): a miss.
+ * does not wait: the lookup answers -EINPROGRESS ("ask again": vLLM's
+ * scheduler skips the request this pass and asks on the next one; it never
+ * blocks on Redis). The request's next lookup takes the answer: the chunks
+ * Redis holds were indexed as tier REMOTE by then; they are pinned like any
+ * hit, reported as loadable after prefetch (tokens, not tokens_now) and
+ * promoted like disk chunks (a read into a fresh slab). Until the answer
+ * comes, lookups keep answering -EINPROGRESS, for remote_lookup_wait_ms at
+ * most (5 ms by default, never more than remote_timeout_ms) from the
+ * ask; after that the request gets its local answer. An answer is reused by
+ * the request's later lookups for a second (vLLM asks about a waiting
+ * request every pass) rather than asking Redis again. An answer that comes
+ * late still indexes the chunks for later lookups. A dead server answers
+ * at once (-ENOTCONN): a miss. (kvrt <= 0.1 waited in the lookup
+ * itself: a scheduler admitting 64 new requests could block 64 round
+ * trips.)
  *
  * Threads: the handler and the timer run on the actor's thread; create,
  * destroy and free on the engine's owner thread; _kvrt_lookup_call on any
@@ -44,6 +52,27 @@ struct _prefetch {
 	struct kvrt_completion c[];    /* one per promoted chunk */
 };
 
+/* An ask of Redis about a request's chunks from `first` on. Kept after
+ * its answer (for _RP_TTL_NS): vLLM asks about a waiting request on every
+ * scheduler pass, and those lookups reuse it instead of asking Redis
+ * again. Orphaned (no longer answered from, freed once its completion is
+ * signalled: the evict actor writes it) when its request asks about other
+ * chunks or its time to live ran out. */
+struct _rpend {
+	struct _rpend *next;            /* list */
+	uint64_t req;                   /* pin owner */
+	struct kvrt_chunk_key first;    /* the first chunk missing locally */
+	uint32_t at;                    /* its index in the prompt */
+	uint32_t n;                     /* keys asked */
+	uint64_t t0;                    /* when asked */
+	bool gave_up;                   /* answered locally: it came too late */
+	bool orphan;                    /* freed once c is signalled */
+	struct kvrt_completion c;       /* value[0]: leading keys Redis holds */
+};
+
+#define _RP_TTL_NS 1000000000ull /* an answer is reused this long */
+#define _RP_MAX 4096u            /* asks kept; beyond: local answers */
+
 struct kvrt_lookup {
 	struct kvrt_engine *e;          /* the engine */
 	struct kvrt_actor *actor;       /* the actor */
@@ -52,7 +81,9 @@ struct kvrt_lookup {
 	struct kvrt_index_hit *hits;    /* scratch */
 	size_t cap;                     /* entries in keys and hits */
 	struct _prefetch *pf;           /* prefetches in flight */
-	ev_timer tick;                  /* reaps finished prefetches */
+	struct _rpend *rp;              /* Redis asks (in flight or answered) */
+	uint32_t nrp;                   /* entries in rp */
+	ev_timer tick;                  /* reaps finished prefetches and asks */
 };
 
 /* A call's arguments and answer (on the caller's stack). */
@@ -82,12 +113,33 @@ static void reap(struct kvrt_lookup *l, bool all)
 	}
 }
 
+/* Orphan asks past their time to live and free orphans whose answer
+ * came (all: at stop, the evict actor is gone). */
+static void reap_asks(struct kvrt_lookup *l, bool all)
+{
+	uint64_t now = kvrt_now_ns();
+	struct _rpend **pp = &l->rp;
+	while (*pp) {
+		struct _rpend *r = *pp;
+		if (now - r->t0 >= _RP_TTL_NS)
+			r->orphan = true;
+		if (all || (r->orphan && kvrt_completion_done(&r->c))) {
+			*pp = r->next;
+			l->nrp--;
+			free(r);
+		} else {
+			pp = &r->next;
+		}
+	}
+}
+
 static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)revents;
 	struct kvrt_lookup *l = w->data;
 	reap(l, false);
-	if (!l->pf)
+	reap_asks(l, false);
+	if (!l->pf && !l->rp)
 		ev_timer_stop(loop, w);
 }
 
@@ -110,47 +162,88 @@ static int ensure(struct kvrt_lookup *l, size_t n)
 	return 0;
 }
 
-static void track(struct kvrt_lookup *l, struct _prefetch *p)
+static void tick_on(struct kvrt_lookup *l)
 {
-	p->next = l->pf;
-	l->pf = p;
 	if (!ev_is_active(&l->tick))
 		ev_timer_start(kvrt_actor_loop(l->actor), &l->tick);
 }
 
-/* Chunks [found, total) are not indexed: ask Redis, index what it holds
- * (tier REMOTE) and pin it. Returns the chunks found after `found`. */
-static size_t remote_find(struct kvrt_lookup *l, struct _lookup_args *a, size_t found, uint32_t total,
-			  uint32_t tail)
+static void track(struct kvrt_lookup *l, struct _prefetch *p)
+{
+	p->next = l->pf;
+	l->pf = p;
+	tick_on(l);
+}
+
+/* Chunks [found, total) are not indexed. No ask of this request about
+ * chunk `found`: ask Redis, -EINPROGRESS. An ask not answered yet:
+ * -EINPROGRESS for remote_lookup_wait_ms from the ask, then 0 chunks (the
+ * local answer; later lookups too, without asking again). An answered ask:
+ * index and pin what Redis holds; *more = the chunks found after `found`. */
+static int remote_find(struct kvrt_lookup *l, struct _lookup_args *a, size_t found, uint32_t total,
+		       uint32_t tail, size_t *more)
 {
 	struct kvrt_engine *e = l->e;
-	uint32_t n = total - (uint32_t)found;
-	if (n > KVRT_REMOTE_EXISTS_MAX)
-		n = KVRT_REMOTE_EXISTS_MAX;
-	bool has_tail = tail && found + n == total;
-	/* The completion lives on the heap: a wait that times out leaves it
-	 * to the evict actor, and reap frees it once signalled. */
-	struct _prefetch *p = malloc(sizeof(*p) + sizeof(p->c[0]));
-	if (!p)
-		return 0;
-	p->n = 1;
-	kvrt_completion_init(&p->c[0]);
-	if (kvrt_evict_remote_find(e->ev, l->keys + found, n, e->cs, has_tail ? tail : 0, &p->c[0])) {
-		free(p);
-		return 0;
+	*more = 0;
+	struct _rpend *r = l->rp;
+	while (r && (r->orphan || r->req != a->req))
+		r = r->next;
+	/* The same prompt (chained keys: the same chunk at the same place
+	 * means the same tokens before it), and either the same local miss or,
+	 * answered, exactly where Redis's run ended (the chunks it held are
+	 * indexed now): the ask stands. Otherwise the request asks about other
+	 * chunks. */
+	if (r) {
+		bool same = r->at < total && kvrt_chunk_key_eq(r->first, l->keys[r->at]);
+		bool done = kvrt_completion_done(&r->c);
+		uint64_t held = done && !r->c.status ? r->c.value[0] : 0;
+		if (same && done && found == r->at + (held < r->n ? held : r->n) && found > r->at)
+			return 0; /* Redis's answer ended here: nothing more */
+		if (!same || found != r->at) {
+			r->orphan = true;
+			r = NULL;
+		}
 	}
-	track(l, p);
-	_KVRT_STAT_ADD(e, st_remote_finds, 1);
-	if (kvrt_completion_wait(&p->c[0], e->remote_wait_ns) || p->c[0].status || !p->c[0].value[0]) {
-		if (!kvrt_completion_done(&p->c[0]))
+	if (!r) {
+		if (l->nrp >= _RP_MAX)
+			return 0;
+		uint32_t n = total - (uint32_t)found;
+		if (n > KVRT_REMOTE_EXISTS_MAX)
+			n = KVRT_REMOTE_EXISTS_MAX;
+		bool has_tail = tail && found + n == total;
+		/* On the heap: the evict actor writes c whenever Redis answers. */
+		if (!(r = calloc(1, sizeof(*r))))
+			return 0;
+		*r = (struct _rpend){.req = a->req, .first = l->keys[found], .at = (uint32_t)found, .n = n,
+				     .t0 = kvrt_now_ns()};
+		kvrt_completion_init(&r->c);
+		if (kvrt_evict_remote_find(e->ev, l->keys + found, n, e->cs, has_tail ? tail : 0, &r->c)) {
+			free(r);
+			return 0; /* cannot ask: the local answer */
+		}
+		r->next = l->rp;
+		l->rp = r;
+		l->nrp++;
+		tick_on(l);
+		_KVRT_STAT_ADD(e, st_remote_finds, 1);
+		return -EINPROGRESS;
+	}
+	if (!kvrt_completion_done(&r->c)) {
+		if (!r->gave_up && kvrt_now_ns() - r->t0 < e->remote_wait_ns)
+			return -EINPROGRESS;
+		if (!r->gave_up)
 			_KVRT_STAT_ADD(e, st_remote_find_late, 1);
+		r->gave_up = true;
 		return 0;
 	}
-	uint32_t k = (uint32_t)p->c[0].value[0];
-	if (k > n)
-		k = n;
-	return kvrt_index_lookup(l->r, l->keys + found, k, a->req, KVRT_INDEX_PIN | KVRT_INDEX_TOUCH,
-				 l->hits + found);
+	if (r->c.status || !r->c.value[0])
+		return 0;
+	uint32_t k = (uint32_t)r->c.value[0];
+	if (k > r->n)
+		k = r->n;
+	*more = kvrt_index_lookup(l->r, l->keys + found, k, a->req, KVRT_INDEX_PIN | KVRT_INDEX_TOUCH,
+				  l->hits + found);
+	return 0;
 }
 
 static int do_lookup(struct kvrt_lookup *l, struct _lookup_args *a)
@@ -173,7 +266,10 @@ static int do_lookup(struct kvrt_lookup *l, struct _lookup_args *a)
 	}
 	uint32_t total = nfull + (tail != 0);
 	if (found < total && e->remote_wait_ns) {
-		found += remote_find(l, a, found, total, tail);
+		size_t more;
+		if ((rc = remote_find(l, a, found, total, tail, &more)))
+			return rc; /* -EINPROGRESS: the local pins stay until the answer */
+		found += more;
 		tokens = (uint32_t)(found > nfull ? nfull * cs + tail : found * cs);
 	}
 	uint32_t now = 0, nprefetch = 0;
@@ -272,6 +368,7 @@ void _kvrt_lookup_free(struct kvrt_lookup *l)
 	/* The evict actor is gone: it answered every promotion (stop signals
 	 * the ones still waiting), so nothing refers to the completions. */
 	reap(l, true);
+	reap_asks(l, true);
 	free(l->keys);
 	free(l->hits);
 	free(l);

@@ -1049,6 +1049,7 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 	*load_async = false;
 	if (!r->id_len || r->id_len > KVRT_META_MAX_ID_LEN || r->prompt_tokens > r->num_tokens)
 		return 0;
+	int ret = 0;
 	pthread_mutex_lock(&s->mu);
 	struct _kvrt_sreq_state *q = sget(s, r->id, r->id_len);
 	if (!q)
@@ -1071,6 +1072,10 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 			  "(TP = 1 in another process: set KVRT_LOOKUP_SOCKET=1; saves go on)",
 			  s->instance);
 	}
+	if (rc == -EINPROGRESS) {
+		ret = rc; /* Redis asked: vLLM asks again on a later pass */
+		goto out;
+	}
 	if (rc)
 		goto out;
 	bool async = s->cfg.enable_async_loading;
@@ -1087,7 +1092,7 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 	*load_async = async;
 out:
 	pthread_mutex_unlock(&s->mu);
-	return 0;
+	return ret;
 }
 
 int kvrt_sched_after_alloc(struct kvrt_sched *s, const struct kvrt_request *r, const int32_t *block_ids,

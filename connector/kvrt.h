@@ -254,7 +254,11 @@ KVRT_API void kvrt_sched_destroy(struct kvrt_sched *s);
  * waits (enable_async_loading). Pins what it found (replacing this
  * request's earlier pins: calling again is idempotent). No worker visible,
  * an error, or a hit shorter than min_retrieve_tokens: 0 and false.
- * r->tokens: the first r->num_tokens token ids (prompt at least). 0. */
+ * r->tokens: the first r->num_tokens token ids (prompt at least).
+ * 0, or -EINPROGRESS (remote tier: Redis was asked about the chunks missing
+ * locally and has not answered yet; *matched 0: ask again on a later
+ * scheduler pass, as vLLM does when the shim returns None. The answer is
+ * kept for that call; after remote_lookup_wait_ms the local answer). */
 KVRT_API int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r,
 			       uint32_t num_computed, uint32_t *matched, bool *load_async);
 

@@ -525,6 +525,7 @@ struct _rank {
 	uint64_t retry_ns;            /* timed out: not asked before this */
 	bool pending;                 /* this call: request sent, answer awaited */
 	bool answered;                /* this call: answer in res */
+	bool inprogress;              /* this call: the answer was -EINPROGRESS */
 	struct kvrt_lookup_result res;
 	uint8_t rbuf[2 * KVRT_LSOCK_ANSWER_BYTES]; /* answer bytes received */
 	size_t rhave;
@@ -653,12 +654,13 @@ static void rank_read(struct kvrt_lsock_client *c, struct _rank *r, uint32_t k)
 			if (f.seq != c->seq)
 				continue; /* cannot happen: late answers close the connection */
 			r->pending = false;
-			if (f.status) {
+			if (f.status && f.status != -EINPROGRESS) {
 				r->answered = false;
 				rank_down(r, k, "failed a lookup", 0);
 				return;
 			}
 			r->answered = true;
+			r->inprogress = f.status == -EINPROGRESS; /* it asked Redis */
 			r->res = f.res;
 			rank_up(r, k);
 			return;
@@ -690,7 +692,7 @@ int kvrt_lsock_client_lookup(struct kvrt_lsock_client *c, uint64_t req_id, uint6
 	/* Send to every rank first (they work in parallel), then collect. */
 	for (uint32_t k = 0; k < c->n; k++) {
 		struct _rank *r = &c->r[k];
-		r->pending = r->answered = false;
+		r->pending = r->answered = r->inprogress = false;
 		if (r->retry_ns > start) {
 			ok = false;
 			continue;
@@ -746,10 +748,15 @@ int kvrt_lsock_client_lookup(struct kvrt_lsock_client *c, uint64_t req_id, uint6
 			if (c->pfd[i].revents)
 				rank_read(c, &c->r[c->who[i]], c->who[i]);
 	}
-	for (uint32_t k = 0; k < c->n && ok; k++)
+	bool later = false;
+	for (uint32_t k = 0; k < c->n && ok; k++) {
 		ok = c->r[k].answered;
+		later |= c->r[k].inprogress;
+	}
 	if (!ok)
 		return -EHOSTDOWN;
+	if (later)
+		return -EINPROGRESS; /* ask every rank again on a later pass */
 	*out = c->r[0].res;
 	for (uint32_t k = 1; k < c->n; k++) {
 		const struct kvrt_lookup_result *x = &c->r[k].res;

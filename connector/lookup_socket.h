@@ -137,7 +137,8 @@ void kvrt_lsock_client_destroy(struct kvrt_lsock_client *c);
  * rank that timed out is not asked again for KVRT_LSOCK_BACKOFF_MS (its
  * lookups answer no hit at once); a refused connection is retried at the
  * next call. Each rank's up/down change is logged once. Never blocks
- * longer than timeout_ms. 0 when every rank answered. */
+ * longer than timeout_ms. 0 when every rank answered; -EINPROGRESS when
+ * some rank answered that (it asked Redis: ask again later, *out zeroed). */
 int kvrt_lsock_client_lookup(struct kvrt_lsock_client *c, uint64_t req_id, uint64_t ns_hash,
 			     const uint32_t *tokens, uint32_t n, struct kvrt_lookup_result *out);
 

@@ -146,7 +146,9 @@ done
 # --- engines -----------------------------------------------------------------------
 # Two engines in two processes through the standalone server
 # (tests/remote_engine.c): write-behind, then a lookup + async load in a new
-# process with an empty cache, bitwise equal; a dead server (quick misses);
+# process with an empty cache, bitwise equal; lookups while the server sleeps
+# (answered "ask again" at once, then a miss; a hit once it woke); a dead
+# server (quick misses);
 # corrupted values (a miss or load errors, never wrong bytes).
 for bin in $progs; do
 	v=$(basename "$(dirname "$(dirname "$bin")")")
@@ -157,6 +159,11 @@ for bin in $progs; do
 	echo "== $v engines: write, then read in another process"
 	timeout 30 "$eng" write "$url" 7 || bad "$v engine write"
 	timeout 30 "$eng" read "$url" 7 hit || bad "$v engine read"
+	echo "== $v engines: lookups while Redis sleeps (never wait on it)"
+	timeout 30 "$eng" slow "$url" 7 || bad "$v engine lookups while Redis sleeps"
+	echo "== $v engines: Redis holds the first two chunks only"
+	k2=$("$eng" key "$url" 7 2) && "$cli" -p "$p1" del "$k2" >/dev/null 2>&1 || bad "$v cannot delete chunk 2"
+	timeout 30 "$eng" read "$url" 7 partial || bad "$v engine read, chunk 2 missing"
 	echo "== $v engines: dead server"
 	timeout 30 "$eng" read "redis://127.0.0.1:$(pick_port)" 7 safe || bad "$v engine dead server"
 	echo "== $v engines: corrupted values"

@@ -14,12 +14,25 @@
  *       is accepted (a corrupted value in Redis, a dead server): whatever is
  *       reported loaded must be exact, nothing else may change, and nothing
  *       may hang (the lookup answers within 250 ms)
+ *   remote_engine read URL SEED partial   Redis holds chunks 0 and 1 only:
+ *       32 tokens found and loaded; the lookup asked again reuses Redis's
+ *       answer (one EXISTS round trip in all)
+ *   remote_engine slow URL SEED    the reader's case while Redis sleeps
+ *       (DEBUG SLEEP from another connection): the lookups answer "ask
+ *       again" (-EINPROGRESS) at once, never waiting on Redis, then the
+ *       local miss once remote_lookup_wait_ms passed (the connection is
+ *       dropped after remote_timeout_ms); once Redis is back, lookups hit
  *   remote_engine key URL SEED I   print chunk I's Redis key (for redis-cli)
+ *
+ * Lookups are asked again while they answer -EINPROGRESS, as vLLM's
+ * scheduler does on its next pass (every 0.5 ms here).
  *
  * Both processes derive the tokens and the KV from SEED. Exit 0 pass, 1 fail.
  */
 #include <errno.h>
+#include <hiredis/hiredis.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,7 +102,7 @@ static size_t head_bytes(void)
 	return (size_t)SPEC.hs * SPEC.elem;
 }
 
-static int rig_up(struct rig *g, const char *url, uint64_t seed, bool writer)
+static int rig_up_wait(struct rig *g, const char *url, uint64_t seed, bool writer, uint32_t wait_ms)
 {
 	memset(g, 0, sizeof(*g));
 	setenv("KVRT_DEVICE", "host", 1);
@@ -113,11 +126,45 @@ static int rig_up(struct rig *g, const char *url, uint64_t seed, bool writer)
 	kt_model_bind(&g->m);
 	struct kvrt_engine_config cfg = {.chunk_size = CS, .cpu_bytes = 4u << 20, .namespace_hash = g->ns,
 					 .save_unfull_chunk = true, .verify_checksums = true,
-					 .remote_url = url, .remote_timeout_ms = 300};
+					 .remote_url = url, .remote_timeout_ms = 300,
+					 .remote_lookup_wait_ms = wait_ms};
 	int rc = kvrt_engine_create(&g->e, &cfg);
 	if (rc)
 		return rc;
 	return kvrt_engine_register(g->e, g->m.t, g->m.ntensors, NULL);
+}
+
+static int rig_up(struct rig *g, const char *url, uint64_t seed, bool writer)
+{
+	return rig_up_wait(g, url, seed, writer, 0);
+}
+
+static uint64_t us_now(void)
+{
+	return kvrt_now_ns() / 1000;
+}
+
+/* Look up the prompt as vLLM's scheduler does: again on every pass (0.5
+ * ms apart) while the answer is -EINPROGRESS, for up to limit_ms. *asks:
+ * calls made, *slowest_us: the longest call. */
+static int lookup_passes(struct rig *g, struct kvrt_lookup_result *res, uint64_t limit_ms, uint32_t *asks,
+			 uint64_t *slowest_us)
+{
+	uint64_t t0 = us_now();
+	int rc;
+	*asks = 0;
+	*slowest_us = 0;
+	for (;;) {
+		uint64_t a = us_now();
+		rc = kvrt_engine_lookup(g->e, REQ, g->req_ns, g->tok, T, res);
+		uint64_t d = us_now() - a;
+		*slowest_us = d > *slowest_us ? d : *slowest_us;
+		(*asks)++;
+		if (rc != -EINPROGRESS || us_now() - t0 > limit_ms * 1000)
+			return rc;
+		struct timespec ts = {0, 500000};
+		nanosleep(&ts, NULL);
+	}
 }
 
 static void rig_down(struct rig *g)
@@ -199,8 +246,9 @@ static int do_write(const char *url, uint64_t seed)
 	return _fails ? 1 : 0;
 }
 
-/* safe: a miss or load errors are fine, wrong bytes never are. */
-static int do_read(const char *url, uint64_t seed, bool safe)
+/* safe: a miss or load errors are fine, wrong bytes never are. partial:
+ * Redis holds chunks 0 and 1 only (the test deleted chunk 2). */
+static int do_read(const char *url, uint64_t seed, bool safe, bool partial)
 {
 	struct rig g;
 	int rc = rig_up(&g, url, seed, false);
@@ -215,17 +263,27 @@ static int do_read(const char *url, uint64_t seed, bool safe)
 		memcpy(img[i], g.m.base[i], g.m.bytes);
 	}
 	struct kvrt_lookup_result res;
-	uint64_t t0 = ms_now();
-	rc = kvrt_engine_lookup(g.e, REQ, g.req_ns, g.tok, T, &res);
+	uint64_t t0 = ms_now(), slowest;
+	uint32_t asks;
+	rc = lookup_passes(&g, &res, 1000, &asks, &slowest);
 	uint64_t lookup_ms = ms_now() - t0;
 	CHECK(rc == 0, "lookup: %d", rc);
-	CHECK(lookup_ms < 250, "lookup took %" PRIu64 " ms", lookup_ms);
-	printf("read %s: lookup %u tokens (%u now) in %" PRIu64 " ms\n", url, res.tokens, res.tokens_now,
-	       lookup_ms);
+	CHECK(lookup_ms < 250, "lookup answered after %" PRIu64 " ms", lookup_ms);
+	CHECK(asks >= 2, "a local miss with a remote tier answered without asking Redis first");
+	printf("read %s: lookup %u tokens (%u now) after %" PRIu64 " ms, %u asks, slowest %" PRIu64 " us\n",
+	       url, res.tokens, res.tokens_now, lookup_ms, asks, slowest);
+	uint32_t want_tok = partial ? 2 * CS : T, want_chunks = partial ? 2 : NCHUNKS;
 	if (!safe) {
-		CHECK(res.tokens == T, "lookup found %u tokens of %u", res.tokens, T);
+		CHECK(res.tokens == want_tok, "lookup found %u tokens of %u", res.tokens, want_tok);
 		CHECK(res.tokens_now == 0, "%u tokens reported in the CPU tier of an empty cache",
 		      res.tokens_now);
+	}
+	if (partial) {
+		/* vLLM asks again next pass: Redis's answer is reused, not asked. */
+		struct kvrt_lookup_result again;
+		rc = lookup_passes(&g, &again, 1000, &asks, &slowest);
+		CHECK(rc == 0 && asks == 1 && again.tokens == want_tok,
+		      "asked again: %d after %u asks, %u tokens", rc, asks, again.tokens);
 	}
 	uint32_t loaded = 0; /* tokens claimed loaded */
 	int64_t errs[64];
@@ -267,8 +325,10 @@ static int do_read(const char *url, uint64_t seed, bool safe)
 	       st.remote_finds, st.remote_find_late, st.remote_reads, st.remote_hits, st.remote_misses,
 	       st.remote_errors);
 	if (!safe)
-		CHECK(st.remote_hits == NCHUNKS, "%" PRIu64 " chunks read from Redis, want %u", st.remote_hits,
-		      NCHUNKS);
+		CHECK(st.remote_hits == want_chunks, "%" PRIu64 " chunks read from Redis, want %u",
+		      st.remote_hits, want_chunks);
+	if (partial)
+		CHECK(st.remote_finds == 1, "%" PRIu64 " asks of Redis, want 1", st.remote_finds);
 	/* Expected image: the poison, with every loaded token not in an error
 	 * block holding the writer's KV. Error blocks are vLLM's to recompute:
 	 * whatever they hold is not claimed, so copy them as they are. */
@@ -309,6 +369,74 @@ static int do_read(const char *url, uint64_t seed, bool safe)
 	return _fails ? 1 : 0;
 }
 
+struct sleeper {
+	const char *host;
+	int port;
+	int rc;
+};
+
+static void *debug_sleep(void *arg)
+{
+	struct sleeper *z = arg;
+	redisContext *c = redisConnect(z->host, z->port);
+	z->rc = -1;
+	if (c && !c->err) {
+		redisReply *r = redisCommand(c, "DEBUG SLEEP 0.8");
+		z->rc = r && r->type == REDIS_REPLY_STATUS ? 0 : -1;
+		freeReplyObject(r);
+	}
+	redisFree(c);
+	return NULL;
+}
+
+/* Redis asleep for 0.8 s: lookups must not wait for it. URL must be
+ * redis://HOST:PORT (the sleeper connects there). */
+static int do_slow(const char *url, uint64_t seed)
+{
+	char host[64];
+	int port = 0;
+	if (sscanf(url, "redis://%63[^:]:%d", host, &port) != 2) {
+		fprintf(stderr, "FAIL: slow wants redis://HOST:PORT, not %s\n", url);
+		return 1;
+	}
+	struct rig g;
+	int rc = rig_up_wait(&g, url, seed, false, 150);
+	if (rc) {
+		fprintf(stderr, "FAIL: engine with %s: %d\n", url, rc);
+		return 1;
+	}
+	struct sleeper z = {.host = host, .port = port};
+	pthread_t th;
+	CHECK(pthread_create(&th, NULL, debug_sleep, &z) == 0, "thread");
+	sleep_ms(100); /* Redis is asleep now */
+	struct kvrt_lookup_result res;
+	uint64_t t0 = ms_now(), slowest;
+	uint32_t asks;
+	rc = lookup_passes(&g, &res, 2000, &asks, &slowest);
+	uint64_t ms = ms_now() - t0;
+	printf("slow: answer %d (%u tokens) after %" PRIu64 " ms, %u asks, slowest call %" PRIu64 " us\n", rc,
+	       res.tokens, ms, asks, slowest);
+	CHECK(rc == 0 && res.tokens == 0, "a local miss while Redis sleeps: %d, %u tokens", rc, res.tokens);
+	CHECK(ms >= 140 && ms < 600, "answered after %" PRIu64 " ms (remote_lookup_wait_ms 150)", ms);
+	CHECK(slowest < 50000, "a lookup blocked %" PRIu64 " us while Redis slept", slowest);
+	pthread_join(th, NULL);
+	CHECK(z.rc == 0, "DEBUG SLEEP failed (enable-debug-command?)");
+	/* Awake (and reconnected): the lookups hit again. */
+	t0 = ms_now();
+	do {
+		rc = lookup_passes(&g, &res, 1000, &asks, &slowest);
+		if (rc == 0 && res.tokens == T)
+			break;
+		sleep_ms(5);
+	} while (ms_now() - t0 < 3000);
+	printf("slow: after Redis woke: %d, %u tokens\n", rc, res.tokens);
+	CHECK(rc == 0 && res.tokens == T, "the late answer gave %u tokens of %u", res.tokens, T);
+	kvrt_engine_release(g.e, REQ);
+	CHECK(kvrt_engine_flush(g.e) == 0, "flush");
+	rig_down(&g);
+	return _fails ? 1 : 0;
+}
+
 static int do_key(uint64_t seed, uint32_t idx)
 {
 	uint64_t ns = 0x7e57000000000000ull ^ seed, req_ns = mix64(seed ^ 0xabcdef);
@@ -329,9 +457,13 @@ int main(int argc, char **argv)
 	if (argc >= 4 && !strcmp(argv[1], "write"))
 		return do_write(argv[2], strtoull(argv[3], NULL, 0));
 	if (argc >= 5 && !strcmp(argv[1], "read"))
-		return do_read(argv[2], strtoull(argv[3], NULL, 0), !strcmp(argv[4], "safe"));
+		return do_read(argv[2], strtoull(argv[3], NULL, 0), !strcmp(argv[4], "safe"),
+			       !strcmp(argv[4], "partial"));
+	if (argc >= 4 && !strcmp(argv[1], "slow"))
+		return do_slow(argv[2], strtoull(argv[3], NULL, 0));
 	if (argc >= 5 && !strcmp(argv[1], "key"))
 		return do_key(strtoull(argv[3], NULL, 0), (uint32_t)strtoul(argv[4], NULL, 0));
-	fprintf(stderr, "usage: remote_engine write URL SEED | read URL SEED hit|safe | key URL SEED I\n");
+	fprintf(stderr, "usage: remote_engine write URL SEED | read URL SEED hit|safe|partial | slow URL SEED | "
+			"key URL SEED I\n");
 	return 2;
 }

@@ -4,7 +4,8 @@
  * hold different amounts (the minimum), a rank that is not there and one
  * that never answers (no hit, within the timeout, never a hang), a stale
  * socket replaced, a live one kept, 0600 sockets in 0700 directories, and
- * malformed or truncated frames closing only their connection. */
+ * malformed or truncated frames closing only their connection, and a
+ * rank's "ask again" (a remote tier asking Redis) relayed. */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <stdio.h>
@@ -367,5 +368,44 @@ Test(lookup_socket, two_ranks_minimum_dead_and_silent_ranks)
 	preq_fini(&g1, &b);
 	prig_down(&g0);
 	prig_down(&g1);
+	rmtree(d);
+}
+
+/* A rank with a remote tier asks Redis on a local miss and answers "ask
+ * again": the client relays -EINPROGRESS (the rank is not marked down),
+ * and the next ask gets the answer (Redis is not there: a miss). */
+Test(lookup_socket, ask_again_is_relayed)
+{
+	struct kvrt_engine_config cfg = cfg16();
+	cfg.remote_url = "redis://127.0.0.1:1"; /* nothing listens: the ask fails at once */
+	cfg.remote_timeout_ms = 200;
+	struct prig g;
+	prig_up(&g, &SPEC, cfg, 12);
+	struct preq a;
+	preq_make(&g, &a, 1, 40, NULL, 0);
+	char d[64], path[128];
+	tmpdir(d, sizeof d);
+	snprintf(path, sizeof path, "%s/rank0.sock", d);
+	struct kvrt_lsock_server *srv;
+	cr_assert_eq(kvrt_lsock_server_start(&srv, g.e, path), 0);
+	const char *paths[] = {path};
+	struct kvrt_lsock_client *c;
+	cr_assert_eq(kvrt_lsock_client_create(&c, paths, 1, 2000), 0);
+	struct kvrt_lookup_result res;
+	memset(&res, 0xee, sizeof res);
+	cr_assert_eq(kvrt_lsock_client_lookup(c, 100, g.ns, a.tok, a.T, &res), -EINPROGRESS);
+	cr_assert_eq(res.tokens, 0u);
+	int rc = -EINPROGRESS;
+	for (int i = 0; i < 200 && rc == -EINPROGRESS; i++) {
+		usleep(1000);
+		rc = kvrt_lsock_client_lookup(c, 100, g.ns, a.tok, a.T, &res);
+	}
+	cr_assert_eq(rc, 0, "the rank answered after its ask: %d", rc);
+	cr_assert_eq(res.tokens, 0u, "a miss");
+	kvrt_lsock_client_release(c, 100);
+	kvrt_lsock_client_destroy(c);
+	kvrt_lsock_server_stop(srv);
+	preq_fini(&g, &a);
+	prig_down(&g);
 	rmtree(d);
 }

@@ -123,21 +123,23 @@ def test_corrupt_chunk_is_recomputed(model_dir):
         eng.close()
 
 
-def test_preemption_resume_no_leaks(model_dir):
-    eng = engine(model_dir, num_blocks=9)
+def spy_lookups(eng):
+    """Every (request id, num_computed, answer) of the scheduler's lookups."""
     seen = []
     orig = eng.sc.get_num_new_matched_tokens
-
-    hits = {}
 
     def spy(req, n):
         out = orig(req, n)
         seen.append((req.request_id, n, out))
-        if out[0]:
-            hits[req.request_id] = n + out[0]
         return out
 
     eng.sc.get_num_new_matched_tokens = spy
+    return seen
+
+
+def test_preemption_resume_no_leaks(model_dir):
+    eng = engine(model_dir, num_blocks=9)
+    seen = spy_lookups(eng)
     try:
         eng.add("A", H.prompt(4), max_tokens=40)
         eng.add("B", H.prompt(5), max_tokens=40)
@@ -145,11 +147,12 @@ def test_preemption_resume_no_leaks(model_dir):
         for _ in range(300):
             if not eng.sched.has_requests():
                 break
-            hits.clear()
+            k = len(seen)
             eng.step()
             # A resumed request's load is the KV it had before preemption,
             # even though the blocks it was saved from went to the other
             # request while the save may still have been copying them.
+            hits = {rid: n + o[0] for rid, n, o in seen[k:] if o[0]}
             for rid, n in hits.items():
                 if rid in eng.wreq:
                     assert H.verify_loaded(eng, rid, n), f"{rid}: wrong KV loaded"
@@ -378,3 +381,71 @@ def test_save_decode_cache(model_dir, decode):
         assert pins(eng) == 0
     finally:
         eng.close()
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A real redis-server on a free loopback port, for this module."""
+    import socket
+    import subprocess
+    import time
+    exe = shutil.which("redis-server") or pytest.skip("redis-server is not installed (./configure)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() - t0 > 10:
+                    pytest.fail("redis-server did not start")
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def test_remote_hit_asks_again_instead_of_blocking(model_dir, redis_url):
+    """A second engine with an empty local cache finds a prompt the first
+    one wrote to Redis: the first scheduler pass gets None (Redis asked; the
+    scheduler goes on), a later pass the hit, loaded asynchronously, exact."""
+    import time
+    cfg = {"remote_url": redis_url, "enable_async_loading": "true"}
+    P = H.prompt(9)
+    e1 = engine(model_dir, cfg)
+    try:
+        e1.add("A", P)
+        e1.run()
+        e1.wc.flush()
+        t0 = time.monotonic()
+        while e1.wc.stats()["remote_writes"] < 2 and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        assert e1.wc.stats()["remote_writes"] >= 2  # A's two full chunks
+    finally:
+        e1.close()
+    e2 = engine(model_dir, cfg)
+    seen = spy_lookups(e2)
+    try:
+        e2.add("B", P)
+        sched = {}
+        for _ in range(400):
+            _, sched = e2.step()
+            if sched:
+                break
+            time.sleep(0.001)
+        answers = [o for _, _, o in seen]
+        assert answers[0] == (None, False), answers[:3]
+        assert (32, True) in answers, answers
+        assert sched == {"B": 8}
+        assert H.verify_loaded(e2, "B", 32)
+        e2.run()
+        e2.assert_empty()
+        assert pins(e2) == 0
+    finally:
+        e2.close()

@@ -217,8 +217,13 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         self._reqs[request.request_id] = request
         r = _Req(request, prompt)
         n, is_async = C.c_uint32(), C.c_bool()
-        self._lib.kvrt_sched_lookup(self._sched, C.byref(r.c), num_computed_tokens,
-                                    C.byref(n), C.byref(is_async))
+        rc = self._lib.kvrt_sched_lookup(self._sched, C.byref(r.c), num_computed_tokens,
+                                         C.byref(n), C.byref(is_async))
+        if rc == -errno.EINPROGRESS:
+            # Redis was asked about the chunks missing locally: vLLM skips
+            # the request this pass and asks again (the scheduler never
+            # waits on Redis).
+            return None, False
         return int(n.value), bool(is_async.value)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
