@@ -48,8 +48,10 @@
  * the hardware the preset would serve on, linear in tokens: llama8b 10000
  * (1x H100), qwen8b 9000 (1x H100), llama70b 4000 (4x H100, TP4),
  * dsv3 6000 (8x H200). Modeled step time = new tokens / rate; prefill
- * avoided = tokens loaded / rate; TTFT estimate per request = (prompt -
- * hit) / rate + the connector wall time of its step (scheduler + forward).
+ * avoided = tokens loaded / rate; TTFT estimate per request = its step's
+ * modeled time (the step's new tokens / rate: every request of a batch gets
+ * its first token when the step ends) + the connector wall time of the step
+ * (scheduler + forward); without kvrt, the step's prompt tokens / rate.
  *
  * Measurements: the caller thread's CPU (CLOCK_THREAD_CPUTIME_ID) and wall
  * time around the scheduler part and the forward part of each step, the
@@ -515,14 +517,18 @@ static int step_ex(struct run *x, struct req **batch, uint32_t n, bool record, b
 		return rc;
 	double conn = (w1 - w0) + (w2 - w1 - slept);
 	x->conn_wall_total += conn;
+	/* Every request of a step gets its first token when the step ends. */
+	uint64_t step_prompt = 0;
+	for (uint32_t i = 0; i < n; i++)
+		step_prompt += batch[i]->len;
 	for (uint32_t i = 0; i < n; i++) {
 		struct req *q = batch[i];
 		x->prompt_tokens += q->len;
 		x->hit_tokens += q->hit;
 		x->wave_prompt[q->wave] += q->len;
 		x->wave_hit[q->wave] += q->hit;
-		x->ttft_without += (double)q->len / x->rate;
-		x->ttft_with += (double)(q->len - q->hit) / x->rate + conn;
+		x->ttft_without += (double)step_prompt / x->rate;
+		x->ttft_with += (double)new_tokens / x->rate + conn;
 	}
 	int prc = push_step(x, c1 - c0, w1 - w0, c2 - c1, w2 - w1 - slept, lwait, (double)new_tokens / x->rate);
 	return rc ? rc : prc;
@@ -920,7 +926,7 @@ static int run(struct kvrt_perf *p)
 	kvrt_perf_note(p,
 		       "prefill-cost model (not measured): llama8b 10000 tok/s (1x H100), qwen8b 9000 (1x H100), "
 		       "llama70b 4000 (4x H100 TP4, figures are one rank's shard), dsv3 6000 (8x H200; MLA latent bf16, "
-		       "replicated per rank); TTFT est. = (prompt - hit)/rate + connector wall of the step");
+		       "replicated per rank); TTFT est. = the step's new tokens/rate + connector wall of the step");
 	kvrt_perf_note(p,
 		       "replay: vLLM prefix cache off (num_computed 0), prefill only, %d-token step budget, block %d, "
 		       "chunk %d, host backend, %s, attention %s; worker flushed between rounds (stands in for "
