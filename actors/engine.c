@@ -549,6 +549,7 @@ static int ls_rehash(struct kvrt_engine *e)
 	e->ls = n;
 	e->ls_cap = cap;
 	e->ls_n = live;
+	e->ls_tombs = 0;
 	return 0;
 }
 
@@ -559,7 +560,9 @@ static void ls_put(struct kvrt_engine *e, uint64_t req, uint32_t gen)
 		s->gen = gen;
 		return;
 	}
-	if ((e->ls_n + 1) * 2 > e->ls_cap && ls_rehash(e)) {
+	/* Tombstones count: a table full of them makes every miss walk it all
+	 * (each step reports its delayed requests and saves new ones). */
+	if ((e->ls_n + e->ls_tombs + 1) * 2 > e->ls_cap && ls_rehash(e)) {
 		kvrt_warn("engine: no memory to track a save; its request may be freed early");
 		return;
 	}
@@ -567,6 +570,8 @@ static void ls_put(struct kvrt_engine *e, uint64_t req, uint32_t gen)
 	uint32_t i = (uint32_t)mix(req) & m;
 	while (e->ls[i].req)
 		i = (i + 1) & m;
+	if (e->ls[i].tomb)
+		e->ls_tombs--;
 	e->ls[i] = (struct _kvrt_lastsave){.req = req + 1, .gen = gen};
 	e->ls_n++;
 }
@@ -886,6 +891,7 @@ static bool try_report(struct kvrt_engine *e, uint64_t id, struct kvrt_finished 
 		s->req = 0;
 		s->tomb = 1;
 		e->ls_n--;
+		e->ls_tombs++;
 	}
 	return true;
 }

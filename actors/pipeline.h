@@ -152,7 +152,7 @@ struct kvrt_engine {
 	uint32_t last_save_gen;        /* last step that posted saves */
 	bool any_save;                 /* some step did */
 	struct _kvrt_lastsave *ls;     /* open-addressing map req -> gen of its last save */
-	uint32_t ls_cap, ls_n;         /* slots (power of two), used */
+	uint32_t ls_cap, ls_n, ls_tombs; /* slots (power of two), used, deleted */
 	uint64_t *pending;             /* delayed requests not yet reported */
 	uint32_t npending, pending_cap;
 	/* Results from the load actor (res_mu). */

@@ -764,3 +764,36 @@ Test(pipeline, direct_lookup_matches_actor)
 	preq_fini(&g, &d);
 	prig_down(&g);
 }
+
+/* Every step saves a request and reports the one before (delay_free): the
+ * last-save map must not fill with deleted slots (a miss would walk them
+ * all: bind and get_finished look up every request, every step). */
+Test(pipeline, last_save_map_stays_sparse)
+{
+	struct kt_spec s = small_spec();
+	struct prig g;
+	prig_up(&g, &s, base_cfg(16), 22);
+	uint64_t sending[4], recving[4], failed[4];
+	struct kvrt_finished fin = {.sending = sending, .sending_cap = 4, .recving = recving, .recving_cap = 4,
+				    .failed = failed, .failed_cap = 4};
+	uint32_t steps = kvrt_test_scaled(300, 30), reported = 0;
+	for (uint32_t i = 0; i < steps; i++) {
+		struct preq a;
+		preq_make(&g, &a, 1000 + i, 16, NULL, 0);
+		struct kvrt_plan_req pr = preq_plan(&g, &a);
+		pr.save_start = 0;
+		pr.save_end = a.T;
+		prig_step(&g, &pr, 1, NULL, NULL);
+		uint64_t prev = 1000 + i - 1;
+		cr_assert_eq(kvrt_engine_get_finished(g.e, i ? &prev : NULL, i ? 1 : 0, &fin), 0);
+		reported += fin.num_sending;
+		cr_assert_leq((g.e->ls_n + g.e->ls_tombs) * 2, g.e->ls_cap, "step %u: %u live + %u deleted in %u slots",
+			      i, g.e->ls_n, g.e->ls_tombs, g.e->ls_cap);
+		cr_assert_eq(kvrt_engine_flush(g.e), 0); /* the request's blocks are reused */
+		preq_fini(&g, &a);
+	}
+	cr_assert_eq(kvrt_engine_get_finished(g.e, NULL, 0, &fin), 0);
+	reported += fin.num_sending;
+	cr_assert_eq(reported, steps - 1, "every delayed request reported once");
+	prig_down(&g);
+}
