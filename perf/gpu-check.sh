@@ -13,10 +13,16 @@
 #    reference, byte for byte (exit 0 pass, 1 fail, 77 skip).
 # 4. Measures gather/scatter GB/s at Llama-3.1-8B shapes against the pinned
 #    cudaMemcpyAsync peaks of the same run (tests/gpu/bench_gpu_copy).
-# 5. Prints a table last. Exit 0 when every GPU test passed and the
-#    benchmark's round trip was byte-exact (speed targets report PASS/MISS).
+# 5. Runs the e2e replay's GPU part (perf/gpu_e2e.py, torch CUDA tensors
+#    through the shim's C API: save a long document, load it layer by layer
+#    under a simulated attention kernel, load stall vs copy time, every load
+#    byte-exact).
+# 6. Prints a table last. Exit 0 when every GPU test passed and the
+#    benchmark's round trip and every e2e load were byte-exact (speed
+#    targets report PASS/MISS).
 #
-# Budget: under 5 minutes (each step has a timeout).
+# Budget: under 5 minutes (each step has a timeout; the e2e part needs
+# about 20 GB of GPU memory and half a minute).
 #
 # Oddities of such machines, handled here:
 # - No Criterion or redis-server there: ./configure --no-test-deps skips
@@ -90,7 +96,7 @@ grep -q '^cu_rule = nvcc' build/config.ninja || die "configure did not enable CU
 say "configure: ok ($(elapsed) s)"
 
 jobs=$(nproc 2>/dev/null || echo 8)
-if ! timeout 240 ninja -j "$jobs" build/plain/kernels-tools >"$out/build.log" 2>&1; then
+if ! timeout 240 ninja -j "$jobs" build/plain/kernels-tools build/plain/libkvrt.so.0.1.0 >"$out/build.log" 2>&1; then
 	tail -n 40 "$out/build.log" >>"$summary"
 	die "build (see build.log)"
 fi
@@ -124,7 +130,13 @@ timeout 180 "$bench" >"$out/bench.log" 2>&1
 brc=$?
 say "bench: exit $brc ($(elapsed) s)"
 
-# --- 5. table last -----------------------------------------------------------------------
+# --- 5. e2e on CUDA tensors ---------------------------------------------------------------
+py=${PYTHON:-python3}
+OUT=$out KVRT_LIB=$top/build/plain/libkvrt.so timeout 180 "$py" perf/gpu_e2e.py >"$out/gpu_e2e.log" 2>&1
+erc=$?
+say "e2e: exit $erc ($(elapsed) s)"
+
+# --- 6. table last -----------------------------------------------------------------------
 {
 	echo
 	echo "== kvrt GPU check ($(elapsed) s) =="
@@ -135,5 +147,8 @@ say "bench: exit $brc ($(elapsed) s)"
 		sed -n '/^figure/,$p' "$out/bench.log"
 	fi
 	[ $brc -ne 0 ] && echo "bench_gpu_copy exited $brc (see bench.log)"
+	echo
+	sed -n '/^gpu_e2e:/,$p' "$out/gpu_e2e.log"
+	[ $erc -ne 0 ] && { echo "gpu_e2e.py exited $erc (see gpu_e2e.log):"; tail -n 15 "$out/gpu_e2e.log"; }
 } | tee -a "$summary"
-[ $tests_ok -eq 1 ] && [ $brc -eq 0 ]
+[ $tests_ok -eq 1 ] && [ $brc -eq 0 ] && [ $erc -eq 0 ]
