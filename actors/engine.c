@@ -632,6 +632,14 @@ static int save_barrier(struct kvrt_engine *e)
 	return kvrt_stream_wait_event(e->compute, e->save_done);
 }
 
+unsigned kvrt_engine_step_work(const struct kvrt_engine *e)
+{
+	if (!e->registered)
+		return 0;
+	const struct _kvrt_step *st = &e->step;
+	return (st->nsync ? KVRT_STEP_LOADS : 0) | (st->save_posted && !st->save_ended ? KVRT_STEP_SAVES : 0);
+}
+
 int kvrt_engine_save_barrier(struct kvrt_engine *e)
 {
 	if (!e->registered)

@@ -286,6 +286,14 @@ int kvrt_engine_save_layer(struct kvrt_engine *e, uint32_t layer);
  * steps back still run: the back-pressure). 0 or -ESHUTDOWN. */
 int kvrt_engine_wait_save(struct kvrt_engine *e);
 
+/* What the bound step needs of the per-layer calls: KVRT_STEP_LOADS when
+ * wait_layer must be called (synchronous loads), KVRT_STEP_SAVES when
+ * save_layer and wait_save must (saves posted). 0: the per-layer calls
+ * would do nothing, a caller may skip them (the shim does). */
+#define KVRT_STEP_LOADS 1u
+#define KVRT_STEP_SAVES 2u
+unsigned kvrt_engine_step_work(const struct kvrt_engine *e);
+
 /* handle_preemptions: every gather issued so far is ordered before later
  * work on the compute stream (CUDA: a stream wait; host: the CPU waits).
  * 0 or -ETIMEDOUT. */

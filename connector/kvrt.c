@@ -610,6 +610,11 @@ int kvrt_worker_preempted(struct kvrt_worker *w)
 	return w->registered ? kvrt_engine_save_barrier(w->e) : 0;
 }
 
+unsigned kvrt_worker_step_work(struct kvrt_worker *w)
+{
+	return w->registered ? kvrt_engine_step_work(w->e) : 0;
+}
+
 int kvrt_worker_start_load(struct kvrt_worker *w)
 {
 	return w->registered ? kvrt_engine_start_load(w->e) : 0;

@@ -209,6 +209,14 @@ KVRT_API int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t le
  * 0 or -ETIMEDOUT. */
 KVRT_API int kvrt_worker_preempted(struct kvrt_worker *w);
 
+/* After kvrt_worker_bind: bit 0 (1) when the step loads synchronously
+ * (kvrt_worker_wait_layer must be called per layer), bit 1 (2) when it saves
+ * (kvrt_worker_save_layer per layer and kvrt_worker_wait_save). 0: those
+ * calls would do nothing this step and may be skipped; the vLLM shim skips
+ * them, so a step with nothing to load or save costs vLLM's per-layer
+ * hooks no call into kvrt. start_load must still be called. */
+KVRT_API unsigned kvrt_worker_step_work(struct kvrt_worker *w);
+
 KVRT_API int kvrt_worker_start_load(struct kvrt_worker *w);
 KVRT_API int kvrt_worker_wait_layer(struct kvrt_worker *w, uint32_t layer);
 KVRT_API int kvrt_worker_save_layer(struct kvrt_worker *w, uint32_t layer);

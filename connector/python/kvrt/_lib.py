@@ -88,6 +88,7 @@ def _declare(lib):
         "kvrt_worker_register": (i32, [P, C.POINTER(Tensor), u32]),
         "kvrt_worker_bind": (i32, [P, C.c_char_p, sz]),
         "kvrt_worker_preempted": (i32, [P]),
+        "kvrt_worker_step_work": (u32, [P]),
         "kvrt_worker_start_load": (i32, [P]),
         "kvrt_worker_wait_layer": (i32, [P, u32]),
         "kvrt_worker_save_layer": (i32, [P, u32]),

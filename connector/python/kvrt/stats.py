@@ -54,6 +54,10 @@ class Tracker:
         self.chunk_size = 0
         self.wait_ns = {"load_wait_ms": 0, "save_wait_ms": 0}
 
+    def waited(self) -> bool:
+        """Wait time worth a report (>= 0.1 ms; less keeps accumulating)."""
+        return any(ns >= 100_000 for ns in self.wait_ns.values())
+
     def delta(self, snap: dict[str, int]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         d = {k: snap[k] - self.last.get(k, 0) for k in snap if k not in GAUGES}
@@ -71,7 +75,7 @@ class Tracker:
             out["saved_tokens"] = d["save_chunks"] * self.chunk_size
             out["saved_bytes"] = out["saved_tokens"] * self.token_bytes
         for k, ns in self.wait_ns.items():
-            if ns >= 1000:
+            if ns >= 100_000:
                 out[k] = ns / 1e6
                 self.wait_ns[k] = 0
         if out:  # levels ride along with any change

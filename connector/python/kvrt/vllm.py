@@ -151,6 +151,9 @@ class KvrtConnectorV1(KVConnectorBase_V1):
                 raise ValueError(f"kvrt: {_lib.errmsg(err)} ({rc})")
             self._sched = h
             self._reqs: dict[str, Any] = {}
+            self._unsaved: set[str] = set()  # requests whose prompt may still save
+            self._empty_step = _lib.SchedStep(None, 0, None, 0)
+            self._meta_ptr, self._meta_len = C.c_void_p(), C.c_size_t()
             self._sstats: dict[str, int] = {}
             # Decode steps: a request past its prompt saves nothing unless
             # save_decode_cache is on; build_connector_meta then skips the
@@ -166,6 +169,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             self._fin_buf = C.create_string_buffer(1 << 16)
             self._err_buf = (C.c_int64 * 4096)()
             self._track = _stats.Tracker()
+            self._stats_raw = b""
+            self._loads = self._saves = False  # the bound step's work
             import os
             self._track.chunk_size = int(self._cfg_get(
                 extra, "chunk_size", os.environ.get("KVRT_CHUNK_SIZE")
@@ -215,6 +220,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         if prompt is None:  # prompt embeddings: no token ids to key
             return 0, False
         self._reqs[request.request_id] = request
+        self._unsaved.add(request.request_id)
         r = _Req(request, prompt)
         n, is_async = C.c_uint32(), C.c_bool()
         rc = self._lib.kvrt_sched_lookup(self._sched, C.byref(r.c), num_computed_tokens,
@@ -240,12 +246,22 @@ class KvrtConnectorV1(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output):
         keep, reqs = [], []
-        for rid, n in scheduler_output.num_scheduled_tokens.items():
+        sched = scheduler_output.num_scheduled_tokens
+        if self._save_decode:
+            todo = sched
+        else:
+            # Only requests whose prompt is not all computed can save: the
+            # others cost nothing here (a decode step of a big batch
+            # visits none). A resumed request is looked up again and comes
+            # back into _unsaved.
+            todo = {rid: sched[rid] for rid in self._unsaved if rid in sched}
+        for rid, n in todo.items():
             req = self._reqs.get(rid)
             if req is None or req.prompt_token_ids is None:
+                self._unsaved.discard(rid)
                 continue
-            if not self._save_decode and req.num_computed_tokens >= req.num_prompt_tokens:
-                continue  # the prompt was saved by earlier steps; decode is not
+            if not self._save_decode and req.num_computed_tokens + n >= req.num_prompt_tokens:
+                self._unsaved.discard(rid)  # this step completes its prompt
             rb = rid.encode()
             # schedule() advances num_computed_tokens after this call: the
             # KV that exists after the step is computed + scheduled.
@@ -258,20 +274,25 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             bids = _i32(list(self._kv_cache_manager.get_block_ids(rid)[0]))
             keep.append((r, bids))
             reqs.append(_lib.SchedReq(r.c, done, bids, len(bids)))
-        pre = [p.encode() for p in sorted(scheduler_output.preempted_req_ids or ())]
-        pre_c = (_lib.Bytes * max(1, len(pre)))(
-            *[_lib.Bytes(C.cast(C.c_char_p(b), C.c_void_p), len(b)) for b in pre])
-        arr = (_lib.SchedReq * max(1, len(reqs)))(*reqs)
-        st = _lib.SchedStep(arr, len(reqs), pre_c, len(pre))
-        ptr, ln = C.c_void_p(), C.c_size_t()
+        preempted = sorted(scheduler_output.preempted_req_ids or ())
+        ptr, ln = self._meta_ptr, self._meta_len
+        if not reqs and not preempted:
+            st = self._empty_step  # a decode step: nothing to build in Python
+        else:
+            pre = [p.encode() for p in preempted]
+            pre_c = (_lib.Bytes * max(1, len(pre)))(
+                *[_lib.Bytes(C.cast(C.c_char_p(b), C.c_void_p), len(b)) for b in pre])
+            arr = (_lib.SchedReq * max(1, len(reqs)))(*reqs)
+            st = _lib.SchedStep(arr, len(reqs), pre_c, len(pre))
         rc = self._lib.kvrt_sched_build_meta(self._sched, C.byref(st), C.byref(ptr), C.byref(ln))
         if rc and not ptr.value:
             log.error("kvrt: build_connector_meta failed (%d): empty step", rc)
             return KvrtMeta(b"", [])
-        return KvrtMeta(C.string_at(ptr, ln.value), sorted(scheduler_output.preempted_req_ids or ()))
+        return KvrtMeta(C.string_at(ptr, ln.value), preempted)
 
     def request_finished(self, request, block_ids):
         self._reqs.pop(request.request_id, None)
+        self._unsaved.discard(request.request_id)
         rb = request.request_id.encode()
         delay = C.c_bool()
         self._lib.kvrt_sched_finished(self._sched, rb, len(rb), C.byref(delay))
@@ -354,10 +375,16 @@ class KvrtConnectorV1(KVConnectorBase_V1):
     def bind_connector_metadata(self, connector_metadata):
         super().bind_connector_metadata(connector_metadata)
         data = getattr(connector_metadata, "data", b"")
+        self._loads = self._saves = False
         if data:
             rc = self._lib.kvrt_worker_bind(self._worker, data, len(data))
             if rc:
                 log.error("kvrt: bind_connector_metadata: %d", rc)
+            # What the per-layer hooks have to do this step: at 0% reuse a
+            # decode step neither loads nor saves, and vLLM's per-layer calls
+            # then cost an attribute check, not a call into C.
+            work = self._lib.kvrt_worker_step_work(self._worker)
+            self._loads, self._saves = bool(work & 1), bool(work & 2)
 
     def start_load_kv(self, forward_context, **kwargs):
         t0 = time.perf_counter_ns()
@@ -367,6 +394,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             log.error("kvrt: start_load_kv: %d", rc)
 
     def wait_for_layer_load(self, layer_name):
+        if not self._loads:
+            return
         i = self._layers.get(layer_name)
         if i is not None:
             t0 = time.perf_counter_ns()
@@ -374,11 +403,15 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             self._track.wait_ns["load_wait_ms"] += time.perf_counter_ns() - t0
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
+        if not self._saves:
+            return
         i = self._layers.get(layer_name)
         if i is not None:
             self._lib.kvrt_worker_save_layer(self._worker, i)
 
     def wait_for_save(self):
+        if not self._saves:
+            return
         t0 = time.perf_counter_ns()
         self._lib.kvrt_worker_wait_save(self._worker)
         self._track.wait_ns["save_wait_ms"] += time.perf_counter_ns() - t0
@@ -424,7 +457,14 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         if self._worker is None:
             data, self._sstats = self._sstats, {}
         else:
-            data = self._track.delta(self.stats())
+            s = _lib.Stats()
+            self._lib.kvrt_worker_stats(self._worker, C.byref(s))
+            s.steps = 0  # moves every step, reported nowhere
+            raw = bytes(s)
+            if raw == self._stats_raw and not self._track.waited():
+                return None  # nothing moved: the common decode step
+            self._stats_raw = raw
+            data = self._track.delta({k: int(getattr(s, k)) for k in _lib.STAT_FIELDS})
         return KvrtStats(data=data) if data else None
 
     @staticmethod
