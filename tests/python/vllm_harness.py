@@ -50,13 +50,13 @@ def make_model_dir() -> str:
 
 def make_vllm_config(model_dir, *, policy="recompute", prefix_caching=False,
                      max_batched=64, layout="LBNHC", kv_role="kv_both",
-                     extra=None):
+                     extra=None, max_seqs=16):
     from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig,
                              ModelConfig, SchedulerConfig, VllmConfig)
     model_config = ModelConfig(model=model_dir, tokenizer=model_dir,
                                skip_tokenizer_init=True, dtype="float32",
                                seed=0, max_model_len=1024)
-    sched = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=max_batched,
+    sched = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
                             max_model_len=1024, enable_chunked_prefill=True,
                             is_encoder_decoder=False, async_scheduling=False,
                             disable_hybrid_kv_cache_manager=True)
