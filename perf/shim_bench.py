@@ -70,7 +70,7 @@ def main():
     rng = random.Random(5)
     for i in range(N):
         eng.add(f"r{i}", [rng.randrange(10, 500) for _ in range(PROMPT)], max_tokens=DECODE)
-    steps = []
+    steps, admit_per = [], {}
     try:
         while eng.sched.has_requests() and len(steps) < 4 * DECODE:
             acc[0] = 0
@@ -79,6 +79,8 @@ def main():
             _, sched = eng.step()
             total = time.perf_counter_ns() - t0
             steps.append((len(sched), sum(sched.values()), acc[0], total))
+            if len(steps) == 1:
+                admit_per = {k: v / 1e3 for k, v in per.items()}
             if len(sched) == N and sum(sched.values()) == N:
                 for k, v in per.items():
                     dec_per.setdefault(k, []).append(v / 1e3)
@@ -96,7 +98,8 @@ def main():
            "decode_steps": len(dec), "decode_kvrt_us_p50": statistics.median(kv),
            "decode_kvrt_us_p99": kv[int(0.99 * (len(kv) - 1))],
            "decode_rest_us_p50": statistics.median(rest), "saved_chunks": st["save_chunks"],
-           "decode_us_p50_by_call": {k: statistics.median(v) for k, v in sorted(dec_per.items())}}
+           "decode_us_p50_by_call": {k: statistics.median(v) for k, v in sorted(dec_per.items())},
+           "admission_us_by_call": dict(sorted(admit_per.items()))}
     print(f"shim_bench: vLLM's scheduler + worker glue driving KvrtConnectorV1 (host backend, 2 layers), "
           f"{N} requests x {PROMPT}-token random prompts, {DECODE} decode steps; 0% reuse")
     print(f"  admission step ({admit[0]} requests, {admit[1]} tokens): kvrt {admit[2] / 1e3:8.1f} us"
@@ -104,6 +107,8 @@ def main():
     print(f"  decode step, {N} running requests:    kvrt {res['decode_kvrt_us_p50']:8.1f} us p50, "
           f"{res['decode_kvrt_us_p99']:.1f} us p99   (rest of the step {res['decode_rest_us_p50']:8.1f} us p50)")
     print(f"  saved {st['save_chunks']} chunks; {len(dec)} full decode steps of {len(steps)}")
+    print("  admission step by call (us): " + ", ".join(
+        f"{k.split('.')[1]} {v:.0f}" for k, v in res["admission_us_by_call"].items() if v >= 1))
     print("  decode step by call (p50 us): " + ", ".join(
         f"{k.split('.')[1]} {v:.1f}" for k, v in res["decode_us_p50_by_call"].items() if v >= 0.5))
     if out_json:

@@ -12,6 +12,7 @@ inspect.signature), never by version strings.
 
 from __future__ import annotations
 
+import array
 import ctypes as C
 import errno
 import inspect
@@ -76,12 +77,20 @@ else:  # pragma: no cover
     KvrtStats = None
 
 
+# Token and block lists become C arrays through array.array (a C loop):
+# ctypes' (c_uint32 * n)(*seq) took 6.6 ms for a 32k-token prompt, this 0.36.
+_U32 = "I" if array.array("I").itemsize == 4 else "L"
+_I32 = "i" if array.array("i").itemsize == 4 else "l"
+
+
 def _u32(seq):
-    return (C.c_uint32 * len(seq))(*seq)
+    a = array.array(_U32, seq)
+    return (C.c_uint32 * len(a)).from_buffer(a)  # keeps a alive
 
 
 def _i32(seq):
-    return (C.c_int32 * len(seq))(*seq)
+    a = array.array(_I32, seq)
+    return (C.c_int32 * len(a)).from_buffer(a)
 
 
 class _Req:
@@ -104,7 +113,7 @@ class _Req:
         self.extra = (_lib.Bytes * max(1, len(extra)))(
             *[_lib.Bytes(C.cast(C.c_char_p(b), C.c_void_p), len(b)) for b in extra])
         self.c = _lib.Request(
-            self.id, len(self.id), self.tok, len(tokens),
+            self.id, len(self.id), self.tok, len(self.tok),
             total if total is not None else request.num_tokens,
             request.num_prompt_tokens,
             _lib.Bytes(C.cast(C.c_char_p(self.salt), C.c_void_p) if self.salt else None,
@@ -270,8 +279,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
                                                   req.num_prompt_tokens)
             if not need:
                 continue
-            r = _Req(req, list(req.all_token_ids[:need]))
-            bids = _i32(list(self._kv_cache_manager.get_block_ids(rid)[0]))
+            r = _Req(req, req.all_token_ids[:need])
+            bids = _i32(self._kv_cache_manager.get_block_ids(rid)[0])
             keep.append((r, bids))
             reqs.append(_lib.SchedReq(r.c, done, bids, len(bids)))
         preempted = sorted(scheduler_output.preempted_req_ids or ())
