@@ -90,7 +90,8 @@ class Rig:
         self.kv = [torch.randn((2, self.nblocks, BS, HEADS, HEAD), dtype=torch.bfloat16, device=dev,
                                generator=g) for _ in range(LAYERS)]
         self.next_block = 1  # block 0 is vLLM's null block
-        extra = {"chunk_size": CS, "use_layerwise": True, "max_local_cpu_size": 4,
+        # the document (1 GiB of KV; --cpu 128 MiB) and the questions' chunks
+        extra = {"chunk_size": CS, "use_layerwise": True, "max_local_cpu_size": 1 if cpu else 4,
                  "device": "host" if cpu else "cuda"}
         self.opts, self._keep = _lib.options("kvrt-gpu-e2e", "meta-llama/Llama-3.1-8B-Instruct",
                                              "bfloat16", BS, extra)
