@@ -73,6 +73,10 @@ KVRT_API const struct kvrt_config_key kvrt_config_keys[KVRT_CONFIG_NUM_KEYS] = {
 	 "copy engine: CUDA when a GPU is usable (auto), CUDA only, or host copies", NULL},
 	{"trace", KVRT_CONFIG_PATH, "none", "a file path (%p = process id); none",
 	 "write a Chrome trace (Perfetto) of kvrt's actors to this file", NULL},
+	{"prefetch_wait_ms", KVRT_CONFIG_INT, "1000", "an integer in [0, 600000]; 0 = never wait",
+	 "without enable_async_loading: how long a request whose hit is partly on disk or in Redis "
+	 "is asked about again (not scheduled) while those chunks come into the CPU tier",
+	 NULL},
 };
 
 static const struct _key_rule rules[KVRT_CONFIG_NUM_KEYS] = {
@@ -96,6 +100,7 @@ static const struct _key_rule rules[KVRT_CONFIG_NUM_KEYS] = {
 	{OFF(disk_odirect), 0, 0, false, false},
 	{OFF(device), 0, 0, false, false},
 	{OFF(trace), 0, 0, false, false},
+	{OFF(prefetch_wait_ms), 0, 600000, false, false},
 };
 
 _Static_assert(KVRT_ARRAY_LEN(rules) == KVRT_CONFIG_NUM_KEYS, "one rule per key");

@@ -32,6 +32,10 @@
  *   disk_odirect          false    -        O_DIRECT for the disk tier
  *   device                auto     -        copy engine: auto, cuda or host
  *   trace                 none     -        Chrome trace output path (%p = pid)
+ *   prefetch_wait_ms      1000     -        without enable_async_loading: how long a
+ *                                           request whose hit is partly on disk or in
+ *                                           Redis waits (vLLM asks again each pass)
+ *                                           for those chunks to reach the CPU tier
  *
  * Names. A key may be written bare ("chunk_size"), or prefixed "kvrt." or
  * "lmcache." (as LMCache's kv_connector_extra_config spells them); the
@@ -89,7 +93,7 @@
 #define KVRT_CONFIG_STR_MAX 1024
 
 /* Number of keys in kvrt_config_keys[] (and in the source[] array). */
-#define KVRT_CONFIG_NUM_KEYS 20
+#define KVRT_CONFIG_NUM_KEYS 21
 
 /* The copy engine to use. */
 enum kvrt_config_device {
@@ -129,6 +133,7 @@ struct kvrt_config {
 	bool disk_odirect;            /* O_DIRECT on the disk tier; false */
 	enum kvrt_config_device device; /* copy engine; auto */
 	char trace[KVRT_CONFIG_STR_MAX]; /* trace output path; "" = off */
+	uint32_t prefetch_wait_ms;    /* sync loads: wait for disk/Redis chunks; 1000 */
 	/* Bookkeeping. */
 	uint8_t source[KVRT_CONFIG_NUM_KEYS]; /* enum kvrt_config_source per key */
 };

@@ -798,6 +798,8 @@ struct _kvrt_sreq_state {
 	uint32_t id_len;
 	uint64_t ns;            /* key namespace */
 	uint32_t hit;           /* tokens the last lookup matched (load_hit) */
+	uint64_t wait_t0;       /* first "ask again" for chunks coming from disk or
+				 * Redis (sync loads, prefetch_wait_ms); 0 = none */
 	bool async;             /* the last lookup answered async */
 	uint32_t saved_chunks;  /* chunks [0, saved_chunks) saved or loaded */
 	bool tail_saved;        /* the prompt's tail chunk was saved */
@@ -1085,6 +1087,20 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 		goto out;
 	bool async = s->cfg.enable_async_loading;
 	uint32_t hit = async ? res.tokens : res.tokens_now;
+	/* Synchronous loads read the CPU tier only. Chunks found on disk or in
+	 * Redis are being brought into it (this lookup started that, pinned):
+	 * while they come the request is not scheduled (vLLM asks again each
+	 * pass, other requests go on), for prefetch_wait_ms from the first
+	 * such answer; then it is scheduled with what is in the CPU tier. */
+	if (!async && res.tokens > res.tokens_now && s->cfg.prefetch_wait_ms) {
+		uint64_t now = kvrt_now_ns();
+		if (!q->wait_t0)
+			q->wait_t0 = now;
+		if (now - q->wait_t0 < (uint64_t)s->cfg.prefetch_wait_ms * 1000000u) {
+			ret = -EINPROGRESS;
+			goto out;
+		}
+	}
 	if (!hit || hit < s->cfg.min_retrieve_tokens)
 		goto out;
 	uint32_t total = r->total_tokens ? r->total_tokens : r->num_tokens;
@@ -1341,6 +1357,7 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 		if (q) {
 			q->saved_chunks = 0;
 			q->tail_saved = false;
+			q->wait_t0 = 0; /* a resumed request may wait for disk again */
 			sload_clear(s, q);
 			if (w)
 				kvrt_engine_release(w->e, q->hash);

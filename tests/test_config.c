@@ -80,6 +80,7 @@ Test(config, defaults)
 	cr_expect(!c.disk_odirect);
 	cr_expect_eq(c.device, KVRT_CONFIG_DEVICE_AUTO);
 	cr_expect_str_eq(c.trace, "");
+	cr_expect_eq(c.prefetch_wait_ms, 1000);
 	for (int i = 0; i < KVRT_CONFIG_NUM_KEYS; i++)
 		cr_expect_eq(c.source[i], KVRT_CONFIG_SRC_DEFAULT);
 	cr_expect(!kvrt_config_disk_enabled(&c));
@@ -169,6 +170,8 @@ Test(config, every_key)
 	cr_expect_eq(c.device, KVRT_CONFIG_DEVICE_HOST);
 	expect_set(&c, "trace", "/tmp/kvrt-%p.json");
 	cr_expect_str_eq(c.trace, "/tmp/kvrt-%p.json");
+	expect_set(&c, "prefetch_wait_ms", "0");
+	cr_expect_eq(c.prefetch_wait_ms, 0);
 	for (int i = 0; i < KVRT_CONFIG_NUM_KEYS; i++)
 		cr_expect_eq(c.source[i], KVRT_CONFIG_SRC_SET, "%s", kvrt_config_keys[i].name);
 
@@ -267,6 +270,7 @@ Test(config, integers_strict)
 	expect_refused("mailbox_size", "1000", "power of two");
 	expect_refused("mailbox_size", "32", "power of two");
 	expect_refused("pin_timeout_ms", "86400001", "[0, 86400000]");
+	expect_refused("prefetch_wait_ms", "600001", "[0, 600000]");
 	struct kvrt_config c;
 	fresh(&c);
 	expect_set(&c, "chunk_size", "+16");

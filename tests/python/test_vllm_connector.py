@@ -207,20 +207,29 @@ def test_abort_during_async_load_no_leaks(model_dir):
         eng.close()
 
 
+def disk_engine(model_dir, d, **extra):
+    """A CPU pool of a few chunks over a disk tier in d: earlier prompts are
+    demoted to disk."""
+    return engine(model_dir, extra={"local_disk": d, "max_local_disk_size": "0.05",
+                                    "max_local_cpu_size": str(8 * 8192 / 2**30), **extra})
+
+
+def save_then_demote(eng, P):
+    """Request A saves P; six other prompts push A's chunks to disk."""
+    eng.add("A", P)
+    eng.run()
+    for i in range(6):
+        eng.add(f"F{i}", H.prompt(20 + i))
+        eng.run()
+    eng.wc.flush()
+
+
 def test_async_load_from_disk(model_dir):
     d = tempfile.mkdtemp(prefix="kvrt-disk-")
-    # A CPU pool of a few chunks: earlier prompts are demoted to disk.
-    eng = engine(model_dir, extra={"enable_async_loading": "true", "local_disk": d,
-                                   "max_local_disk_size": "0.05",
-                                   "max_local_cpu_size": str(8 * 8192 / 2**30)})
+    eng = disk_engine(model_dir, d, enable_async_loading="true")
     try:
         P = H.prompt(8)
-        eng.add("A", P)
-        eng.run()
-        for i in range(6):
-            eng.add(f"F{i}", H.prompt(20 + i))
-            eng.run()
-        eng.wc.flush()
+        save_then_demote(eng, P)
         eng.add("B", P)
         so, sched = eng.step()
         assert sched == {}
@@ -232,6 +241,45 @@ def test_async_load_from_disk(model_dir):
                 break
         assert sched == {"B": 8}
         assert H.verify_loaded(eng, "B", 32)
+        eng.run()
+        eng.assert_empty()
+        assert pins(eng) == 0
+    finally:
+        eng.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("wait_ms", ["1000", "0"])
+def test_sync_load_from_disk(model_dir, wait_ms):
+    """Without async loading a hit found on disk is brought into the CPU
+    tier while vLLM asks again (None: the request waits, nothing blocks),
+    then loaded in the step; prefetch_wait_ms 0 schedules it at once with
+    only what the CPU tier holds (nothing here)."""
+    import time
+    d = tempfile.mkdtemp(prefix="kvrt-disk-")
+    eng = disk_engine(model_dir, d, prefetch_wait_ms=wait_ms)
+    seen = spy_lookups(eng)
+    try:
+        P = H.prompt(8)
+        save_then_demote(eng, P)
+        k = len(seen)
+        eng.add("B", P)
+        so, sched = eng.step()
+        if wait_ms == "0":
+            assert sched == {"B": 40}, sched  # A's chunks are on disk: no CPU hit
+        else:
+            assert sched == {}
+            assert seen[k][2] == (None, False), seen[k:]
+            assert eng.sched.requests["B"].status.name == "WAITING"
+            for _ in range(400):
+                so, sched = eng.step()
+                if sched:
+                    break
+                time.sleep(0.001)
+            assert sched == {"B": 8}, (sched, seen[k:])
+            assert so.has_sync_kv_loads
+            assert H.verify_loaded(eng, "B", 32)
+            assert eng.wc.stats()["prefetches"] > 0
         eng.run()
         eng.assert_empty()
         assert pins(eng) == 0
