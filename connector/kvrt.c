@@ -1359,8 +1359,13 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 			q->tail_saved = false;
 			q->wait_t0 = 0; /* a resumed request may wait for disk again */
 			sload_clear(s, q);
+			/* Its lookup pins go, here or on the ranks of other
+			 * processes (else they would last until the request
+			 * finishes or pin_timeout_ms passes). */
 			if (w)
 				kvrt_engine_release(w->e, q->hash);
+			else if (s->lsock)
+				kvrt_lsock_client_release(s->lsock, q->hash);
 		}
 		s->ids[nids++] = (struct kvrt_meta_id){b->data, (uint32_t)b->len};
 	}

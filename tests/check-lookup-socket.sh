@@ -2,7 +2,7 @@
 # tests/check-lookup-socket.sh: a scheduler gets a worker's hit through the
 # lookup socket (connector/lookup_socket.h) from another process, and no
 # hit, quickly, once that worker is killed; a new worker replaces the dead
-# one's stale socket. Runs build/plain/tests/lookup_socket_proc (and the
+# one's stale socket; a preemption releases the lookup's pins on the worker. Runs build/plain/tests/lookup_socket_proc (and the
 # ASan build when present) with XDG_RUNTIME_DIR in a temporary directory.
 # Exit 0 pass, 1 fail.
 set -u
@@ -30,7 +30,7 @@ fail=0
 
 start_worker() { # prog instance
 	rm -f "$tmp/ready"
-	"$1" serve "$2" "$tmp/ready" >"$tmp/serve.log" 2>&1 &
+	"$1" serve "$2" "$tmp/ready" "$tmp/pins" >"$tmp/serve.log" 2>&1 &
 	pid=$!
 	i=0
 	while [ ! -e "$tmp/ready" ]; do
@@ -59,6 +59,7 @@ for prog in $progs; do
 		echo "FAIL: socket mode '$mode' (want 600), directory '$dmode' (want 700)"; fail=1
 	fi
 	"$prog" lookup "$inst" 32 2000 || { echo "FAIL: no hit through the socket"; fail=1; }
+	"$prog" preempt "$inst" "$tmp/pins" || { echo "FAIL: a preemption left the worker's pins"; fail=1; }
 	kill_worker
 	[ -S "$sock" ] || echo "note: the killed worker's socket is gone"
 	"$prog" lookup "$inst" 0 1000 || { echo "FAIL: a dead worker did not answer no hit quickly"; fail=1; }

@@ -1,14 +1,19 @@
 /* tests/lookup_socket_proc.c: the lookup socket across two processes,
  * through connector/kvrt.h only (run by tests/check-lookup-socket.sh).
  *
- *   lookup_socket_proc serve INSTANCE READYFILE
+ *   lookup_socket_proc serve INSTANCE READYFILE PINSFILE
  *       a worker serving its lookup socket and, to plan the saves, a
  *       scheduler of the same instance in the same process (it reads the
  *       index directly); saves one 40-token prompt (32 tokens in whole
- *       chunks), touches READYFILE, then waits to be killed.
+ *       chunks), touches READYFILE, then writes the pins it holds to
+ *       PINSFILE every 10 ms until killed.
  *   lookup_socket_proc lookup INSTANCE EXPECT MAX_MS
  *       a scheduler alone (no worker in this process): looks the prompt up
  *       and exits 0 when it matched EXPECT tokens within MAX_MS, else 1.
+ *   lookup_socket_proc preempt INSTANCE PINSFILE
+ *       a scheduler alone: the lookup pins the prompt's 2 chunks on the
+ *       worker; a step that lists the request as preempted releases them
+ *       there (PINSFILE back to 0 within 2 s), exit 0; else 1.
  *
  * Both use tp_size 1 with KVRT_LOOKUP_SOCKET=1 (set by the script), so the
  * one rank's socket is rank0.sock under $XDG_RUNTIME_DIR/kvrt/INSTANCE.
@@ -68,7 +73,30 @@ static int step(struct kvrt_worker *w, const void *m, size_t len)
 	return 0;
 }
 
-static int serve(const char *inst, const char *ready)
+/* The pins the worker process holds, as PINSFILE says (-1: unreadable). */
+static long pins_file(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	long v = -1;
+	if (f) {
+		if (fscanf(f, "%ld", &v) != 1)
+			v = -1;
+		fclose(f);
+	}
+	return v;
+}
+
+static bool pins_become(const char *path, long want, uint32_t max_ms)
+{
+	for (uint32_t i = 0; i < max_ms / 10; i++) {
+		if (pins_file(path) == want)
+			return true;
+		usleep(10000);
+	}
+	return pins_file(path) == want;
+}
+
+static int serve(const char *inst, const char *ready, const char *pins)
 {
 	char err[256];
 	struct kvrt_options o = opts(inst);
@@ -114,8 +142,47 @@ static int serve(const char *inst, const char *ready)
 	FILE *f = fopen(ready, "w");
 	CHECK(f != NULL);
 	fclose(f);
-	for (;;) /* until killed */
-		pause();
+	char tmp[4096];
+	snprintf(tmp, sizeof tmp, "%s.tmp", pins);
+	for (;;) { /* until killed */
+		struct kvrt_stats st;
+		kvrt_worker_stats(w, &st);
+		if ((f = fopen(tmp, "w"))) {
+			fprintf(f, "%llu\n", (unsigned long long)st.pinned);
+			fclose(f);
+			rename(tmp, pins);
+		}
+		usleep(10000);
+	}
+}
+
+static int preempt(const char *inst, const char *pins)
+{
+	char err[256];
+	struct kvrt_options o = opts(inst);
+	struct kvrt_sched *s;
+	if (kvrt_sched_create(&s, &o, err, sizeof err)) {
+		fprintf(stderr, "%s\n", err);
+		return 1;
+	}
+	uint32_t tok[T];
+	prompt(tok);
+	struct kvrt_request b = req("B", tok);
+	uint32_t n = 0;
+	bool as;
+	CHECK(kvrt_sched_lookup(s, &b, 0, &n, &as) == 0 && n == 32);
+	CHECK(pins_become(pins, 2, 2000));
+	/* vLLM preempted B before it was scheduled with its hit. */
+	struct kvrt_bytes pre = {"B", 1};
+	const void *m;
+	size_t len;
+	CHECK(kvrt_sched_build_meta(s, &(struct kvrt_sched_step){NULL, 0, &pre, 1}, &m, &len) == 0);
+	bool released = pins_become(pins, 0, 2000);
+	bool fin;
+	CHECK(kvrt_sched_finished(s, "B", 1, &fin) == 0);
+	kvrt_sched_destroy(s);
+	printf("preempt: the worker's pins %s\n", released ? "released" : "still held after 2 s");
+	return released ? 0 : 1;
 }
 
 static int lookup(const char *inst, uint32_t expect, uint32_t max_ms)
@@ -146,10 +213,13 @@ static int lookup(const char *inst, uint32_t expect, uint32_t max_ms)
 
 int main(int argc, char **argv)
 {
-	if (argc == 4 && !strcmp(argv[1], "serve"))
-		return serve(argv[2], argv[3]);
+	if (argc == 5 && !strcmp(argv[1], "serve"))
+		return serve(argv[2], argv[3], argv[4]);
+	if (argc == 4 && !strcmp(argv[1], "preempt"))
+		return preempt(argv[2], argv[3]);
 	if (argc == 5 && !strcmp(argv[1], "lookup"))
 		return lookup(argv[2], (uint32_t)strtoul(argv[3], NULL, 10), (uint32_t)strtoul(argv[4], NULL, 10));
-	fprintf(stderr, "usage: %s serve INSTANCE READYFILE | lookup INSTANCE EXPECT MAX_MS\n", argv[0]);
+	fprintf(stderr, "usage: %s serve INSTANCE READYFILE PINSFILE | lookup INSTANCE EXPECT MAX_MS | "
+			"preempt INSTANCE PINSFILE\n", argv[0]);
 	return 2;
 }
