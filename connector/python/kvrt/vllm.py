@@ -161,6 +161,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             self._sched = h
             self._reqs: dict[str, Any] = {}
             self._unsaved: set[str] = set()  # requests whose prompt may still save
+            self._creqs: dict[str, _Req] = {}  # their prompts as C requests
             self._empty_step = _lib.SchedStep(None, 0, None, 0)
             self._meta_ptr, self._meta_len = C.c_void_p(), C.c_size_t()
             self._sstats: dict[str, int] = {}
@@ -224,13 +225,22 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         return buf.value.decode() if rc == 0 else None
 
     # ------------------------------------------------------------ scheduler
+    def _creq(self, request):
+        """The request's prompt as a C request, built once: vLLM asks about a
+        waiting request every pass, then allocates and schedules it."""
+        r = self._creqs.get(request.request_id)
+        if r is None:
+            r = self._creqs[request.request_id] = _Req(request, request.prompt_token_ids)
+        r.c.total_tokens = request.num_tokens  # grows after a preemption
+        return r
+
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
         prompt = request.prompt_token_ids
         if prompt is None:  # prompt embeddings: no token ids to key
             return 0, False
         self._reqs[request.request_id] = request
         self._unsaved.add(request.request_id)
-        r = _Req(request, prompt)
+        r = self._creq(request)
         n, is_async = C.c_uint32(), C.c_bool()
         rc = self._lib.kvrt_sched_lookup(self._sched, C.byref(r.c), num_computed_tokens,
                                          C.byref(n), C.byref(is_async))
@@ -249,7 +259,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             ss = self._sstats
             ss["hit_tokens"] = ss.get("hit_tokens", 0) + num_external_tokens
             ss["hit_requests"] = ss.get("hit_requests", 0) + 1
-        r = _Req(request, request.prompt_token_ids if num_external_tokens else [])
+        r = self._creq(request)
         self._lib.kvrt_sched_after_alloc(self._sched, C.byref(r.c), _i32(ids), len(ids),
                                          request.num_computed_tokens, num_external_tokens)
 
@@ -279,7 +289,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
                                                   req.num_prompt_tokens)
             if not need:
                 continue
-            r = _Req(req, req.all_token_ids[:need])
+            r = (self._creq(req) if need <= req.num_prompt_tokens
+                 else _Req(req, req.all_token_ids[:need]))
             bids = _i32(self._kv_cache_manager.get_block_ids(rid)[0])
             keep.append((r, bids))
             reqs.append(_lib.SchedReq(r.c, done, bids, len(bids)))
@@ -301,6 +312,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
 
     def request_finished(self, request, block_ids):
         self._reqs.pop(request.request_id, None)
+        self._creqs.pop(request.request_id, None)
         self._unsaved.discard(request.request_id)
         rb = request.request_id.encode()
         delay = C.c_bool()
