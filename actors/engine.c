@@ -365,6 +365,12 @@ void kvrt_engine_destroy(struct kvrt_engine *e)
 		return;
 	if (e->registered) {
 		kvrt_engine_wait_save(e);
+		/* wait_save does not wait: the save actor must have handled
+		 * every SAVE_END (its SAVE_DONE rides the stream) before the
+		 * stream is synced below, or a step's chunks would be dropped
+		 * unaccounted. */
+		if (_kvrt_pub_wait(&e->save_pub, e->save_next, _WAIT_LIMIT_NS))
+			kvrt_error("engine: the save actor did not end its steps in 60 s");
 		/* Loads posted but never started would be lost: start them so
 		 * their pins are taken and released in order. */
 		if (!e->step.load_posted && (e->step.nsync || e->step.nasync))
