@@ -1092,7 +1092,8 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 	 * while they come the request is not scheduled (vLLM asks again each
 	 * pass, other requests go on), for prefetch_wait_ms from the first
 	 * such answer; then it is scheduled with what is in the CPU tier. */
-	if (!async && res.tokens > res.tokens_now && s->cfg.prefetch_wait_ms) {
+	if (!async && res.tokens > res.tokens_now && s->cfg.prefetch_wait_ms && res.tokens > num_computed &&
+	    res.tokens >= s->cfg.min_retrieve_tokens) {
 		uint64_t now = kvrt_now_ns();
 		if (!q->wait_t0)
 			q->wait_t0 = now;
