@@ -625,8 +625,10 @@ static void finish_previous(struct kvrt_engine *e)
 		kvrt_error("engine: the save actor did not take a step's saves in 60 s");
 }
 
-/* Order every gather issued so far before later work on the compute stream
- * (CUDA: a stream wait, no CPU wait; host: the CPU waits). */
+/* Wait on the CPU until every gather of the steps whose saves ended has
+ * run. Not a stream wait: blocks freed by a preemption can be written by
+ * the compute stream and by loads (the load stream, async loads) alike; a
+ * CPU wait orders them all, and preemption is rare. */
 static int save_barrier(struct kvrt_engine *e)
 {
 	if (!e->any_save)
@@ -635,7 +637,12 @@ static int save_barrier(struct kvrt_engine *e)
 		kvrt_error("engine: the save actor did not issue its gathers in 60 s");
 		return -ETIMEDOUT;
 	}
-	return kvrt_stream_wait_event(e->compute, e->save_done);
+	/* save_done was recorded behind the last ended step's gathers (one
+	 * stream: the earlier ones ran before). */
+	int rc = kvrt_event_wait(e->save_done, _WAIT_LIMIT_NS);
+	if (rc)
+		kvrt_error("engine: the save copies did not finish in 60 s (%d)", rc);
+	return rc;
 }
 
 unsigned kvrt_engine_step_work(const struct kvrt_engine *e)
@@ -648,12 +655,10 @@ unsigned kvrt_engine_step_work(const struct kvrt_engine *e)
 
 int kvrt_engine_save_barrier(struct kvrt_engine *e)
 {
-	if (!e->registered)
-		return 0;
-	struct _kvrt_step *st = &e->step;
-	if (st->save_posted && !st->save_ended)
-		kvrt_engine_wait_save(e);
-	return save_barrier(e);
+	/* A step bound but not run yet is left alone: its saves read only its
+	 * own requests' blocks, after its forward (and a bind that listed
+	 * the preemptions ran this barrier already). */
+	return e->registered ? save_barrier(e) : 0;
 }
 
 int kvrt_engine_bind_step(struct kvrt_engine *e, const struct kvrt_step_plan *p)
@@ -750,10 +755,8 @@ int kvrt_engine_bind_step(struct kvrt_engine *e, const struct kvrt_step_plan *p)
 			else
 				st->nsync++;
 		}
-		if (q.save) {
+		if (q.save)
 			st->nsave++;
-			ls_put(e, q.req_id, st->gen);
-		}
 		st->reqs[st->nreq++] = q;
 	}
 	(void)cs;
@@ -763,6 +766,10 @@ int kvrt_engine_bind_step(struct kvrt_engine *e, const struct kvrt_step_plan *p)
 			st->save_posted = true;
 			e->last_save_gen = st->gen;
 			e->any_save = true;
+			/* Only saves that will run hold their requests' blocks. */
+			for (uint32_t i = 0; i < st->nreq; i++)
+				if (st->reqs[i].save)
+					ls_put(e, st->reqs[i].req_id, st->gen);
 		} else {
 			_KVRT_STAT_ADD(e, st_save_skipped_mailbox, st->nsave);
 			st->nsave = 0;
@@ -866,7 +873,13 @@ int kvrt_engine_wait_save(struct kvrt_engine *e)
 	if (!st->save_posted || st->save_ended)
 		return 0;
 	st->save_ended = true;
-	int rc = _kvrt_save_post_end(e->save, st->gen);
+	/* SAVE_END must get through (the mailbox has room for a step's
+	 * messages): without it the step's slabs and its completion would be
+	 * lost. A full mailbox means the actor is slow: keep trying. */
+	int rc;
+	uint64_t t0 = kvrt_now_ns();
+	while ((rc = _kvrt_save_post_end(e->save, st->gen)) == -ETIMEDOUT && kvrt_now_ns() - t0 < _WAIT_LIMIT_NS)
+		;
 	if (rc) {
 		kvrt_error("engine: could not end step %u's save (%d)", st->gen, rc);
 		return rc;

@@ -281,7 +281,7 @@ int kvrt_engine_save_layer(struct kvrt_engine *e, uint32_t layer);
  * that is safe because vLLM rewrites a block only after it freed it, and
  * it frees a saving request's blocks only when get_finished reports it
  * (delay_free) or on preemption (the next bind_step with preempted set, or
- * kvrt_engine_save_barrier, orders the gathers first). The next bind_step
+ * kvrt_engine_save_barrier, waits for the gathers first). The next bind_step
  * waits for the save actor to take the step (it lags only when gathers two
  * steps back still run: the back-pressure). 0 or -ESHUTDOWN. */
 int kvrt_engine_wait_save(struct kvrt_engine *e);
@@ -294,8 +294,9 @@ int kvrt_engine_wait_save(struct kvrt_engine *e);
 #define KVRT_STEP_SAVES 2u
 unsigned kvrt_engine_step_work(const struct kvrt_engine *e);
 
-/* handle_preemptions: every gather issued so far is ordered before later
- * work on the compute stream (CUDA: a stream wait; host: the CPU waits).
+/* handle_preemptions: returns once every gather of the steps whose saves
+ * ended has run (a CPU wait: the freed blocks may next be written by the
+ * forward or by loads). A step bound but not run is not waited for.
  * 0 or -ETIMEDOUT. */
 int kvrt_engine_save_barrier(struct kvrt_engine *e);
 

@@ -202,11 +202,11 @@ KVRT_API int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t le
 /* handle_preemptions (call it when the step's metadata lists preempted
  * requests, before the forward): vLLM freed their blocks, and saves of
  * earlier steps may still read them (wait_save does not wait for its
- * gathers). Orders every gather issued so far before later work on the
- * compute stream (CUDA: a stream wait; host backend: the CPU waits).
- * kvrt_worker_bind does the same when the metadata lists preemptions.
- * Async loads keep their blocks: vLLM does not free them while it waits.
- * 0 or -ETIMEDOUT. */
+ * copies). Returns once every copy of the steps whose saves ended has run
+ * (a CPU wait: the freed blocks may next be written by the forward or by a
+ * load); a step bound but not run yet is not touched. kvrt_worker_bind
+ * does the same when the metadata lists preemptions. Async loads keep
+ * their blocks: vLLM does not free them while it waits. 0 or -ETIMEDOUT. */
 KVRT_API int kvrt_worker_preempted(struct kvrt_worker *w);
 
 /* After kvrt_worker_bind: bit 0 (1) when the step loads synchronously

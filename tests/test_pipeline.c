@@ -765,6 +765,38 @@ Test(pipeline, direct_lookup_matches_actor)
 	prig_down(&g);
 }
 
+/* handle_preemptions may come after the step's bind (some vLLM builds call
+ * it there): the bound step's saves still run. */
+Test(pipeline, preemption_barrier_after_bind_keeps_the_step)
+{
+	struct kt_spec s = small_spec();
+	struct prig g;
+	prig_up(&g, &s, base_cfg(16), 23);
+	struct preq a;
+	preq_make(&g, &a, 92, 48, NULL, 0);
+	preq_snapshot(&g, &a);
+	struct kvrt_plan_req pr = preq_plan(&g, &a);
+	pr.save_start = 0;
+	pr.save_end = a.T;
+	cr_assert_eq(kvrt_engine_bind_step(g.e, &(struct kvrt_step_plan){&pr, 1, false}), 0);
+	cr_assert_eq(kvrt_engine_save_barrier(g.e), 0);
+	cr_assert_eq(kvrt_engine_step_work(g.e), KVRT_STEP_SAVES, "the step's saves were ended");
+	cr_assert_eq(kvrt_engine_start_load(g.e), 0);
+	for (uint32_t l = 0; l < g.L; l++)
+		cr_assert_eq(kvrt_engine_save_layer(g.e, l), 0);
+	cr_assert_eq(kvrt_engine_wait_save(g.e), 0);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	uint32_t hit, from = 0;
+	struct preq *r[] = {&a};
+	lookup_all(&g, r, 1, &hit);
+	cr_assert_eq(hit, a.T, "the step saved %u of %u tokens", hit, a.T);
+	load_and_check(&g, r, 1, &hit, &from, &hit);
+	kvrt_engine_release(g.e, a.id);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	preq_fini(&g, &a);
+	prig_down(&g);
+}
+
 /* Every step saves a request and reports the one before (delay_free): the
  * last-save map must not fill with deleted slots (a miss would walk them
  * all: bind and get_finished look up every request, every step). */
