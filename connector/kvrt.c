@@ -683,12 +683,15 @@ int kvrt_worker_get_finished(struct kvrt_worker *w, void *buf, size_t cap, uint3
 		return rc;
 	uint8_t *b = buf;
 	size_t off = 0;
-	/* Ids that do not fit in buf stay pending: they are reported again. */
+	/* Ids that do not fit in buf stay pending: they are reported again
+	 * (offered to the engine again: it forgot the ones it reported). */
 	for (uint32_t i = 0; i < f.num_sending; i++) {
 		struct _kvrt_pend *p = pend_find(w, snd[i], true);
 		if (p && put_id(b, cap, &off, p)) {
 			(*nsend)++;
 			pend_drop(w, (size_t)(p - w->pend));
+		} else if (p) {
+			p->told = false;
 		}
 	}
 	for (uint32_t i = 0; i < f.num_recving; i++) {

@@ -9,6 +9,7 @@
  * Plus the error paths a user can hit. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -354,5 +355,64 @@ Test(kvrt_api, errors_a_user_can_hit)
 	memset(junk, 0x5a, sizeof junk);
 	cr_assert_eq(kvrt_worker_bind(g.w, junk, sizeof junk), -EBADMSG);
 	cr_assert_eq(kvrt_worker_start_load(g.w), 0);
+	rig_down(&g);
+}
+
+/* Ten requests finish with delay_free in one step; get_finished's buffer
+ * holds three ids at a time: every id still comes out, once each. */
+Test(kvrt_api, finished_ids_that_do_not_fit_come_next_time)
+{
+	struct rig g;
+	rig_up(&g, "t-fin");
+	enum { NR = 10 };
+	uint32_t tok[NR][T];
+	int32_t blk[NR][3];
+	char id[NR][16];
+	struct kvrt_sched_req sr[NR];
+	for (uint32_t r = 0; r < NR; r++) {
+		for (uint32_t i = 0; i < T; i++)
+			tok[r][i] = 100000 * (r + 1) + i;
+		for (uint32_t b = 0; b < 3; b++)
+			blk[r][b] = (int32_t)(1 + 3 * r + b);
+		snprintf(id[r], sizeof id[r], "req-%02u-xx", r);
+		struct kvrt_request q = req(id[r], tok[r], NULL);
+		uint32_t n;
+		bool as;
+		cr_assert_eq(kvrt_sched_lookup(g.s, &q, 0, &n, &as), 0);
+		cr_assert_eq(kvrt_sched_after_alloc(g.s, &q, blk[r], 3, 0, 0), 0);
+		cr_assert_eq(kvrt_sched_save_need(g.s, id[r], (uint32_t)strlen(id[r]), T, T), 32u);
+		sr[r] = (struct kvrt_sched_req){.req = q, .num_computed = T, .block_ids = blk[r], .num_blocks = 3};
+	}
+	const void *m;
+	size_t len;
+	cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){sr, NR, NULL, 0}, &m, &len), 0);
+	step(&g, m, len);
+	for (uint32_t r = 0; r < NR; r++) {
+		bool delay;
+		cr_assert_eq(kvrt_sched_finished(g.s, id[r], (uint32_t)strlen(id[r]), &delay), 0);
+		cr_assert(delay);
+	}
+	cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){0}, &m, &len), 0);
+	step(&g, m, len);
+	cr_assert_eq(kvrt_worker_flush(g.w), 0);
+	uint32_t seen[NR] = {0}, total = 0;
+	for (int call = 0; call < 2 * NR && total < NR; call++) {
+		uint8_t buf[40]; /* three 11-byte records */
+		uint32_t ns, nr, nf;
+		cr_assert_eq(kvrt_worker_get_finished(g.w, buf, sizeof buf, &ns, &nr, &nf), 0);
+		cr_assert_leq(ns, 3u);
+		const uint8_t *p = buf;
+		for (uint32_t i = 0; i < ns; i++) {
+			uint32_t n = (uint32_t)p[0] | (uint32_t)p[1] << 8;
+			unsigned r;
+			cr_assert_eq(sscanf((const char *)p + 2, "req-%02u", &r), 1);
+			cr_assert_lt(r, (unsigned)NR);
+			seen[r]++;
+			total++;
+			p += 2 + n;
+		}
+	}
+	for (uint32_t r = 0; r < NR; r++)
+		cr_assert_eq(seen[r], 1u, "%s reported %u times", id[r], seen[r]);
 	rig_down(&g);
 }
