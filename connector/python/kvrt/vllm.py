@@ -296,6 +296,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             reqs.append(_lib.SchedReq(r.c, done, bids, len(bids)))
         preempted = sorted(scheduler_output.preempted_req_ids or ())
         ptr, ln = self._meta_ptr, self._meta_len
+        ptr.value, ln.value = None, 0  # a failed build must not hand out the last frame
         if not reqs and not preempted:
             st = self._empty_step  # a decode step: nothing to build in Python
         else:
