@@ -83,7 +83,8 @@ struct kvrt_lookup {
 	struct _prefetch *pf;           /* prefetches in flight */
 	struct _rpend *rp;              /* Redis asks (in flight or answered) */
 	uint32_t nrp;                   /* entries in rp */
-	ev_timer tick;                  /* reaps finished prefetches and asks */
+	ev_timer tick;                  /* reaps finished prefetches (1 ms) */
+	ev_timer ask_tick;              /* reaps asks (100 ms) */
 };
 
 /* A call's arguments and answer (on the caller's stack). */
@@ -121,7 +122,9 @@ static void reap_asks(struct kvrt_lookup *l, bool all)
 	struct _rpend **pp = &l->rp;
 	while (*pp) {
 		struct _rpend *r = *pp;
-		if (now - r->t0 >= _RP_TTL_NS)
+		/* Past its time to live once answered (or given up on): an ask
+		 * still waiting within remote_lookup_wait_ms stays. */
+		if (now - r->t0 >= _RP_TTL_NS && (r->gave_up || kvrt_completion_done(&r->c)))
 			r->orphan = true;
 		if (all || (r->orphan && kvrt_completion_done(&r->c))) {
 			*pp = r->next;
@@ -138,8 +141,17 @@ static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	(void)revents;
 	struct kvrt_lookup *l = w->data;
 	reap(l, false);
+	if (!l->pf)
+		ev_timer_stop(loop, w);
+}
+
+/* Asks live about a second: a slower tick than the prefetches'. */
+static void ask_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)revents;
+	struct kvrt_lookup *l = w->data;
 	reap_asks(l, false);
-	if (!l->pf && !l->rp)
+	if (!l->rp)
 		ev_timer_stop(loop, w);
 }
 
@@ -224,7 +236,8 @@ static int remote_find(struct kvrt_lookup *l, struct _lookup_args *a, size_t fou
 		r->next = l->rp;
 		l->rp = r;
 		l->nrp++;
-		tick_on(l);
+		if (!ev_is_active(&l->ask_tick))
+			ev_timer_start(kvrt_actor_loop(l->actor), &l->ask_tick);
 		_KVRT_STAT_ADD(e, st_remote_finds, 1);
 		return -EINPROGRESS;
 	}
@@ -320,6 +333,8 @@ static int start(struct kvrt_actor *a)
 		return -ENOMEM;
 	ev_timer_init(&l->tick, tick_cb, 0.001, 0.001);
 	l->tick.data = l;
+	ev_timer_init(&l->ask_tick, ask_tick_cb, 0.1, 0.1);
+	l->ask_tick.data = l;
 	return 0;
 }
 
@@ -327,6 +342,7 @@ static void stop(struct kvrt_actor *a)
 {
 	struct kvrt_lookup *l = kvrt_actor_data(a);
 	ev_timer_stop(kvrt_actor_loop(a), &l->tick);
+	ev_timer_stop(kvrt_actor_loop(a), &l->ask_tick);
 	kvrt_index_reader_close(l->r);
 	l->r = NULL;
 }
