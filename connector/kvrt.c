@@ -73,6 +73,10 @@ struct _kvrt_pend {
 	uint64_t hash;  /* kvrt_meta_id_hash, bit 63 cleared (the engine's ids) */
 	bool delayed;   /* a delay_free request (else an async load) */
 	bool told;      /* delayed: handed to the engine (it keeps it until done) */
+	bool done;      /* async load: the engine reported it finished (and has
+			 * forgotten it): kept until it fits get_finished's buffer */
+	bool failed;    /* ... and it failed */
+	bool out;       /* written by this get_finished call */
 	uint16_t len;   /* id bytes */
 	char *id;       /* malloc'd */
 };
@@ -681,34 +685,58 @@ int kvrt_worker_get_finished(struct kvrt_worker *w, void *buf, size_t cap, uint3
 		f.num_sending = (uint32_t)nd, memcpy(snd, delayed, nd * sizeof(*delayed));
 	if (rc)
 		return rc;
+	/* The engine forgets what it reports. Finished async loads are kept
+	 * here until they are written; delayed ids that do not fit are offered
+	 * to the engine again. So the loads get the room first. */
+	for (uint32_t i = 0; i < f.num_recving; i++) {
+		struct _kvrt_pend *p = pend_find(w, rcv[i], false);
+		if (p)
+			p->done = true;
+	}
+	for (uint32_t i = 0; i < f.num_failed; i++) {
+		struct _kvrt_pend *p = pend_find(w, failed[i], false);
+		if (p)
+			p->failed = true;
+	}
+	size_t loads = 0; /* bytes of every finished load's records */
+	for (size_t i = 0; i < w->npend; i++)
+		if (w->pend[i].done)
+			loads += (2u + w->pend[i].len) * (w->pend[i].failed ? 2u : 1u);
+	size_t room_send = cap > loads ? cap - loads : 0;
 	uint8_t *b = buf;
 	size_t off = 0;
-	/* Ids that do not fit in buf stay pending: they are reported again
-	 * (offered to the engine again: it forgot the ones it reported). */
 	for (uint32_t i = 0; i < f.num_sending; i++) {
 		struct _kvrt_pend *p = pend_find(w, snd[i], true);
-		if (p && put_id(b, cap, &off, p)) {
+		if (p && put_id(b, room_send, &off, p)) {
 			(*nsend)++;
 			pend_drop(w, (size_t)(p - w->pend));
 		} else if (p) {
 			p->told = false;
 		}
 	}
-	for (uint32_t i = 0; i < f.num_recving; i++) {
-		struct _kvrt_pend *p = pend_find(w, rcv[i], false);
-		if (p && put_id(b, cap, &off, p))
+	/* Records: sending, then receiving, then failed (a subset of the
+	 * receiving): a failed load goes out with its receiving record. */
+	size_t fail_bytes = 0;
+	for (size_t i = 0; i < w->npend; i++) {
+		struct _kvrt_pend *p = &w->pend[i];
+		p->out = false;
+		if (!p->done)
+			continue;
+		size_t extra = p->failed ? 2u + p->len : 0;
+		if (cap - off < extra + fail_bytes)
+			continue;
+		if (put_id(b, cap - fail_bytes - extra, &off, p)) {
+			p->out = true;
+			fail_bytes += extra;
 			(*nrecv)++;
+		}
 	}
-	for (uint32_t i = 0; i < f.num_failed; i++) {
-		struct _kvrt_pend *p = pend_find(w, failed[i], false);
-		if (p && put_id(b, cap, &off, p))
+	for (size_t i = 0; i < w->npend; i++)
+		if (w->pend[i].out && w->pend[i].failed && put_id(b, cap, &off, &w->pend[i]))
 			(*nfail)++;
-	}
-	for (uint32_t i = 0; i < f.num_recving; i++) {
-		struct _kvrt_pend *p = pend_find(w, rcv[i], false);
-		if (p)
-			pend_drop(w, (size_t)(p - w->pend));
-	}
+	for (size_t i = w->npend; i-- > 0;)
+		if (w->pend[i].out)
+			pend_drop(w, i);
 	return 0;
 }
 

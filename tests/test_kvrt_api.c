@@ -29,10 +29,11 @@ struct rig {
 	struct kvrt_sched *s;
 };
 
-/* The first 3 keys everywhere; the 4th (a small mailbox_size) where a
- * test asks for it. */
-static const char *K[] = {"chunk_size", "max_local_cpu_size", "device", "mailbox_size"};
-static const char *V[] = {"16", "0.01", "host", "64"};
+/* The first 3 keys everywhere; the 4th (a small mailbox_size) and the 5th
+ * (async loads) where a test asks for them. */
+static const char *K[] = {"chunk_size", "max_local_cpu_size", "device", "mailbox_size",
+			  "enable_async_loading"};
+static const char *V[] = {"16", "0.01", "host", "64", "true"};
 
 static struct kvrt_options opts(const char *inst)
 {
@@ -358,12 +359,40 @@ Test(kvrt_api, errors_a_user_can_hit)
 	rig_down(&g);
 }
 
+/* Read finished ids with a buffer of `cap` bytes until `want` ids of kind
+ * `kind` (0 sending, 1 receiving) came out; seen[r] counts request r's. */
+static void collect(struct rig *g, size_t cap, int kind, uint32_t want, uint32_t *seen, uint32_t nr)
+{
+	uint32_t total = 0;
+	for (int call = 0; call < 40 && total < want; call++) {
+		uint8_t buf[64];
+		uint32_t n[3];
+		cr_assert_leq(cap, sizeof buf);
+		cr_assert_eq(kvrt_worker_get_finished(g->w, buf, cap, &n[0], &n[1], &n[2]), 0);
+		const uint8_t *p = buf;
+		for (int k = 0; k < 3; k++)
+			for (uint32_t i = 0; i < n[k]; i++) {
+				uint32_t len = (uint32_t)p[0] | (uint32_t)p[1] << 8;
+				unsigned r;
+				cr_assert_eq(sscanf((const char *)p + 2 + 4, "%02u", &r), 1);
+				cr_assert_lt(r, nr);
+				if (k == kind) {
+					seen[r]++;
+					total++;
+				}
+				p += 2 + len;
+			}
+	}
+}
+
 /* Ten requests finish with delay_free in one step; get_finished's buffer
- * holds three ids at a time: every id still comes out, once each. */
+ * holds three ids at a time: every id still comes out, once each. Then
+ * ten async loads of the same prompts finish: every one is reported
+ * receiving, once, through the same small buffer. */
 Test(kvrt_api, finished_ids_that_do_not_fit_come_next_time)
 {
 	struct rig g;
-	rig_up(&g, "t-fin");
+	rig_up_keys(&g, "t-fin", 5);
 	enum { NR = 10 };
 	uint32_t tok[NR][T];
 	int32_t blk[NR][3];
@@ -395,24 +424,31 @@ Test(kvrt_api, finished_ids_that_do_not_fit_come_next_time)
 	cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){0}, &m, &len), 0);
 	step(&g, m, len);
 	cr_assert_eq(kvrt_worker_flush(g.w), 0);
-	uint32_t seen[NR] = {0}, total = 0;
-	for (int call = 0; call < 2 * NR && total < NR; call++) {
-		uint8_t buf[40]; /* three 11-byte records */
-		uint32_t ns, nr, nf;
-		cr_assert_eq(kvrt_worker_get_finished(g.w, buf, sizeof buf, &ns, &nr, &nf), 0);
-		cr_assert_leq(ns, 3u);
-		const uint8_t *p = buf;
-		for (uint32_t i = 0; i < ns; i++) {
-			uint32_t n = (uint32_t)p[0] | (uint32_t)p[1] << 8;
-			unsigned r;
-			cr_assert_eq(sscanf((const char *)p + 2, "req-%02u", &r), 1);
-			cr_assert_lt(r, (unsigned)NR);
-			seen[r]++;
-			total++;
-			p += 2 + n;
-		}
-	}
+	uint32_t seen[NR] = {0};
+	collect(&g, 40, 0, NR, seen, NR); /* three 11-byte records a call */
 	for (uint32_t r = 0; r < NR; r++)
-		cr_assert_eq(seen[r], 1u, "%s reported %u times", id[r], seen[r]);
+		cr_assert_eq(seen[r], 1u, "%s reported sending %u times", id[r], seen[r]);
+	/* The same prompts again, loaded while the requests wait. */
+	char id2[NR][16];
+	for (uint32_t r = 0; r < NR; r++) {
+		snprintf(id2[r], sizeof id2[r], "asy-%02u-xx", r);
+		struct kvrt_request q = req(id2[r], tok[r], NULL);
+		uint32_t n;
+		bool as;
+		cr_assert_eq(kvrt_sched_lookup(g.s, &q, 0, &n, &as), 0);
+		cr_assert(n == 32 && as, "request %u: %u tokens, async %d", r, n, as);
+		cr_assert_eq(kvrt_sched_after_alloc(g.s, &q, blk[r], 3, 0, 32), 0);
+	}
+	cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){0}, &m, &len), 0);
+	step(&g, m, len);
+	cr_assert_eq(kvrt_worker_flush(g.w), 0);
+	uint32_t got[NR] = {0};
+	collect(&g, 40, 1, NR, got, NR);
+	for (uint32_t r = 0; r < NR; r++)
+		cr_assert_eq(got[r], 1u, "%s reported receiving %u times", id2[r], got[r]);
+	for (uint32_t r = 0; r < NR; r++) {
+		bool delay;
+		cr_assert_eq(kvrt_sched_finished(g.s, id2[r], (uint32_t)strlen(id2[r]), &delay), 0);
+	}
 	rig_down(&g);
 }
