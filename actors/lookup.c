@@ -65,12 +65,13 @@ struct _rpend {
 	uint32_t at;                    /* its index in the prompt */
 	uint32_t n;                     /* keys asked */
 	uint64_t t0;                    /* when asked */
+	uint64_t t_end;                 /* when seen answered or given up on (0: not yet) */
 	bool gave_up;                   /* answered locally: it came too late */
 	bool orphan;                    /* freed once c is signalled */
 	struct kvrt_completion c;       /* value[0]: leading keys Redis holds */
 };
 
-#define _RP_TTL_NS 1000000000ull /* an answer is reused this long */
+#define _RP_TTL_NS 1000000000ull /* an answer is reused this long after it came */
 #define _RP_MAX 4096u            /* asks kept; beyond: local answers */
 
 struct kvrt_lookup {
@@ -122,9 +123,11 @@ static void reap_asks(struct kvrt_lookup *l, bool all)
 	struct _rpend **pp = &l->rp;
 	while (*pp) {
 		struct _rpend *r = *pp;
-		/* Past its time to live once answered (or given up on): an ask
-		 * still waiting within remote_lookup_wait_ms stays. */
-		if (now - r->t0 >= _RP_TTL_NS && (r->gave_up || kvrt_completion_done(&r->c)))
+		/* Kept _RP_TTL_NS from its answer (or from giving up on it): an
+		 * ask still waiting within remote_lookup_wait_ms stays. */
+		if (!r->t_end && (r->gave_up || kvrt_completion_done(&r->c)))
+			r->t_end = now;
+		if (r->t_end && now - r->t_end >= _RP_TTL_NS)
 			r->orphan = true;
 		if (all || (r->orphan && kvrt_completion_done(&r->c))) {
 			*pp = r->next;
@@ -242,13 +245,18 @@ static int remote_find(struct kvrt_lookup *l, struct _lookup_args *a, size_t fou
 		return -EINPROGRESS;
 	}
 	if (!kvrt_completion_done(&r->c)) {
-		if (!r->gave_up && kvrt_now_ns() - r->t0 < e->remote_wait_ns)
+		uint64_t now = kvrt_now_ns();
+		if (!r->gave_up && now - r->t0 < e->remote_wait_ns)
 			return -EINPROGRESS;
-		if (!r->gave_up)
+		if (!r->gave_up) {
 			_KVRT_STAT_ADD(e, st_remote_find_late, 1);
-		r->gave_up = true;
+			r->gave_up = true;
+			r->t_end = now;
+		}
 		return 0;
 	}
+	if (!r->t_end)
+		r->t_end = kvrt_now_ns();
 	if (r->c.status || !r->c.value[0])
 		return 0;
 	uint32_t k = (uint32_t)r->c.value[0];
