@@ -77,6 +77,10 @@ KVRT_API const struct kvrt_config_key kvrt_config_keys[KVRT_CONFIG_NUM_KEYS] = {
 	 "without enable_async_loading: how long a request whose hit is partly on disk or in Redis "
 	 "is asked about again (not scheduled) while those chunks come into the CPU tier",
 	 NULL},
+	{"remote_lookup_wait_ms", KVRT_CONFIG_INT, "5", "an integer in [1, 3600000]",
+	 "how long a request that misses locally is asked about again (not scheduled) while Redis "
+	 "says which chunks it holds (never more than lookup_timeout_ms)",
+	 NULL},
 };
 
 static const struct _key_rule rules[KVRT_CONFIG_NUM_KEYS] = {
@@ -101,6 +105,7 @@ static const struct _key_rule rules[KVRT_CONFIG_NUM_KEYS] = {
 	{OFF(device), 0, 0, false, false},
 	{OFF(trace), 0, 0, false, false},
 	{OFF(prefetch_wait_ms), 0, 600000, false, false},
+	{OFF(remote_lookup_wait_ms), 1, 3600000, false, false},
 };
 
 _Static_assert(KVRT_ARRAY_LEN(rules) == KVRT_CONFIG_NUM_KEYS, "one rule per key");

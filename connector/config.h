@@ -36,6 +36,10 @@
  *                                           request whose hit is partly on disk or in
  *                                           Redis waits (vLLM asks again each pass)
  *                                           for those chunks to reach the CPU tier
+ *   remote_lookup_wait_ms 5        -        how long a request missing locally waits
+ *                                           (asked again each pass, nothing blocks) for
+ *                                           Redis to say what it holds (at most
+ *                                           lookup_timeout_ms)
  *
  * Names. A key may be written bare ("chunk_size"), or prefixed "kvrt." or
  * "lmcache." (as LMCache's kv_connector_extra_config spells them); the
@@ -93,7 +97,7 @@
 #define KVRT_CONFIG_STR_MAX 1024
 
 /* Number of keys in kvrt_config_keys[] (and in the source[] array). */
-#define KVRT_CONFIG_NUM_KEYS 21
+#define KVRT_CONFIG_NUM_KEYS 22
 
 /* The copy engine to use. */
 enum kvrt_config_device {
@@ -134,6 +138,7 @@ struct kvrt_config {
 	enum kvrt_config_device device; /* copy engine; auto */
 	char trace[KVRT_CONFIG_STR_MAX]; /* trace output path; "" = off */
 	uint32_t prefetch_wait_ms;    /* sync loads: wait for disk/Redis chunks; 1000 */
+	uint32_t remote_lookup_wait_ms; /* wait for Redis' EXISTS answer; 5 */
 	/* Bookkeeping. */
 	uint8_t source[KVRT_CONFIG_NUM_KEYS]; /* enum kvrt_config_source per key */
 };

@@ -223,12 +223,12 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 		 * refused and recomputed (config.h has no key for it yet). */
 		.verify_checksums = true,
 		/* remote_url reaches the evict actor's remote tier (started by
-		 * register). lookup_timeout_ms bounds what a lookup may wait for:
-		 * Redis' answers (each request's deadline), and the lookup's own
-		 * wait for them when shorter than the engine's 5 ms default. */
+		 * register). lookup_timeout_ms is each Redis request's deadline;
+		 * remote_lookup_wait_ms how long a request is asked about again
+		 * for Redis' answer (the engine caps it by the deadline). */
 		.remote_url = c->remote_url[0] ? c->remote_url : NULL,
 		.remote_timeout_ms = c->lookup_timeout_ms,
-		.remote_lookup_wait_ms = c->lookup_timeout_ms < 5 ? c->lookup_timeout_ms : 0,
+		.remote_lookup_wait_ms = c->remote_lookup_wait_ms,
 		/* Checked a power of two by config.h; the engine applies it to
 		 * the evict actor's mailbox (actors/engine.h). */
 		.mailbox_size = c->mailbox_size,

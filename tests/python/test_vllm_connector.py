@@ -464,7 +464,8 @@ def test_remote_hit_asks_again_instead_of_blocking(model_dir, redis_url):
     one wrote to Redis: the first scheduler pass gets None (Redis asked; the
     scheduler goes on), a later pass the hit, loaded asynchronously, exact."""
     import time
-    cfg = {"remote_url": redis_url, "enable_async_loading": "true"}
+    # a generous wait: a loaded CI machine may answer after the default 5 ms
+    cfg = {"remote_url": redis_url, "enable_async_loading": "true", "remote_lookup_wait_ms": "1000"}
     P = H.prompt(9)
     e1 = engine(model_dir, cfg)
     try:
