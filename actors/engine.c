@@ -82,21 +82,6 @@ void _kvrt_keys(uint64_t ns, const uint32_t *tokens, uint32_t cs, uint32_t nfull
 
 /* --- results from the load actor -------------------------------------------- */
 
-static int grow(void **p, size_t *cap, size_t need, size_t elem)
-{
-	if (need <= *cap)
-		return 0;
-	size_t c = *cap ? *cap : 64;
-	while (c < need)
-		c *= 2;
-	void *n = realloc(*p, c * elem);
-	if (!n)
-		return -ENOMEM;
-	*p = n;
-	*cap = c;
-	return 0;
-}
-
 void _kvrt_engine_add_errors(struct kvrt_engine *e, const int32_t *blk, uint32_t nblk,
 			     uint32_t from, uint32_t to)
 {
@@ -109,7 +94,7 @@ void _kvrt_engine_add_errors(struct kvrt_engine *e, const int32_t *blk, uint32_t
 	if (b0 >= b1)
 		return;
 	pthread_mutex_lock(&e->res_mu);
-	if (grow((void **)&e->errs, &e->errs_cap, e->nerrs + (b1 - b0), sizeof(*e->errs)) == 0) {
+	if (kvrt_grow((void **)&e->errs, &e->errs_cap, e->nerrs + (b1 - b0), sizeof(*e->errs)) == 0) {
 		for (uint32_t b = b0; b < b1; b++)
 			if (blk[b] >= 0)
 				e->errs[e->nerrs++] = blk[b];
@@ -123,7 +108,7 @@ void _kvrt_engine_add_errors(struct kvrt_engine *e, const int32_t *blk, uint32_t
 void _kvrt_engine_add_recv(struct kvrt_engine *e, uint64_t req_id, bool failed)
 {
 	pthread_mutex_lock(&e->res_mu);
-	if (grow((void **)&e->recv, &e->recv_cap, e->nrecv + 1, sizeof(*e->recv)) == 0)
+	if (kvrt_grow((void **)&e->recv, &e->recv_cap, e->nrecv + 1, sizeof(*e->recv)) == 0)
 		e->recv[e->nrecv++] = _kvrt_owner_req(req_id) | (failed ? _KVRT_OWNER_LOAD : 0);
 	else
 		kvrt_error("engine: no memory to report a finished load");
@@ -681,7 +666,7 @@ int kvrt_engine_bind_step(struct kvrt_engine *e, const struct kvrt_step_plan *p)
 	size_t nreq = p ? p->num_reqs : 0;
 	if (nreq > st->reqs_cap) {
 		size_t cap = st->reqs_cap;
-		if (grow((void **)&st->reqs, &cap, nreq, sizeof(*st->reqs)))
+		if (kvrt_grow((void **)&st->reqs, &cap, nreq, sizeof(*st->reqs)))
 			return -ENOMEM;
 		st->reqs_cap = (uint32_t)cap;
 	}
@@ -730,9 +715,9 @@ int kvrt_engine_bind_step(struct kvrt_engine *e, const struct kvrt_step_plan *p)
 			continue;
 		uint32_t nb = (need_end + bs - 1) / bs;
 		uint32_t nk = q.load && r->keys ? r->num_keys : 0;
-		if (grow((void **)&st->tokens, &st->tok_cap, st->ntok + need_tok, sizeof(*st->tokens)) ||
-		    grow((void **)&st->blocks, &st->blk_cap, st->nblk + nb, sizeof(*st->blocks)) ||
-		    grow((void **)&st->keys, &st->keys_cap, st->nkeys + nk, sizeof(*st->keys))) {
+		if (kvrt_grow((void **)&st->tokens, &st->tok_cap, st->ntok + need_tok, sizeof(*st->tokens)) ||
+		    kvrt_grow((void **)&st->blocks, &st->blk_cap, st->nblk + nb, sizeof(*st->blocks)) ||
+		    kvrt_grow((void **)&st->keys, &st->keys_cap, st->nkeys + nk, sizeof(*st->keys))) {
 			ret = -ENOMEM;
 			break;
 		}
@@ -897,7 +882,7 @@ static bool pending_add(struct kvrt_engine *e, uint64_t id)
 {
 	if (e->npending == e->pending_cap) {
 		size_t cap = e->pending_cap;
-		if (grow((void **)&e->pending, &cap, e->npending + 1, sizeof(*e->pending)))
+		if (kvrt_grow((void **)&e->pending, &cap, e->npending + 1, sizeof(*e->pending)))
 			return false;
 		e->pending_cap = (uint32_t)cap;
 	}

@@ -74,21 +74,6 @@ struct kvrt_save {
 	uint32_t nstash, stash_cap;
 };
 
-static int grow(void **p, size_t *cap, size_t need, size_t elem)
-{
-	if (need <= *cap)
-		return 0;
-	size_t c = *cap ? *cap : 64;
-	while (c < need)
-		c *= 2;
-	void *n = realloc(*p, c * elem);
-	if (!n)
-		return -ENOMEM;
-	*p = n;
-	*cap = c;
-	return 0;
-}
-
 static bool take(struct kvrt_save *s, uint32_t *slab)
 {
 	if (s->nstash) {
@@ -137,9 +122,9 @@ static void plan_req(struct kvrt_save *s, const struct _kvrt_step *st, const str
 	struct kvrt_engine *e = s->e;
 	uint32_t cs = e->cs, bs = e->set->geom.block_size;
 	uint32_t nkeys = q->save_full_end + (q->save_tail != 0);
-	if (grow((void **)&s->keys, &s->keys_cap, nkeys, sizeof(*s->keys)) ||
-	    grow((void **)&s->ch, &s->cap, s->n + (nkeys - q->save_first), sizeof(*s->ch)) ||
-	    grow((void **)&s->slots, &s->slots_cap, cs, sizeof(*s->slots))) {
+	if (kvrt_grow((void **)&s->keys, &s->keys_cap, nkeys, sizeof(*s->keys)) ||
+	    kvrt_grow((void **)&s->ch, &s->cap, s->n + (nkeys - q->save_first), sizeof(*s->ch)) ||
+	    kvrt_grow((void **)&s->slots, &s->slots_cap, cs, sizeof(*s->slots))) {
 		_KVRT_STAT_ADD(e, st_save_abandoned, nkeys - q->save_first);
 		return;
 	}

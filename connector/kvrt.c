@@ -95,21 +95,6 @@ static struct kvrt_worker *reg_find(const char *instance)
 
 /* --- helpers ---------------------------------------------------------------- */
 
-static int grow(void **p, size_t *cap, size_t need, size_t elem)
-{
-	if (need <= *cap)
-		return 0;
-	size_t c = *cap ? *cap : 16;
-	while (c < need)
-		c *= 2;
-	void *q = realloc(*p, c * elem);
-	if (!q)
-		return -ENOMEM;
-	*p = q;
-	*cap = c;
-	return 0;
-}
-
 static char *dupstr(const char *s)
 {
 	return strdup(s ? s : "");
@@ -383,7 +368,7 @@ static int pend_add(struct kvrt_worker *w, uint64_t hash, bool delayed, const ch
 {
 	if (pend_find(w, hash, delayed))
 		return 0;
-	if (grow((void **)&w->pend, &w->pend_cap, w->npend + 1, sizeof(*w->pend)))
+	if (kvrt_grow((void **)&w->pend, &w->pend_cap, w->npend + 1, sizeof(*w->pend)))
 		return -ENOMEM;
 	char *c = malloc(len ? len : 1);
 	if (!c)
@@ -493,7 +478,7 @@ static struct kvrt_plan_req *plan_get(struct kvrt_worker *w, size_t *n, uint64_t
 {
 	if (sl->preq >= 0)
 		return &w->preqs[sl->preq];
-	if (grow((void **)&w->preqs, &w->preqs_cap, *n + 1, sizeof(*w->preqs)))
+	if (kvrt_grow((void **)&w->preqs, &w->preqs_cap, *n + 1, sizeof(*w->preqs)))
 		return NULL;
 	sl->preq = (int64_t)*n;
 	struct kvrt_plan_req *r = &w->preqs[(*n)++];
@@ -506,7 +491,7 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 {
 	if (!w->registered)
 		return -ENODEV;
-	if (grow((void **)&w->frame, &w->frame_cap, len, 1))
+	if (kvrt_grow((void **)&w->frame, &w->frame_cap, len, 1))
 		return -ENOMEM;
 	memcpy(w->frame, meta, len);
 	struct kvrt_meta_view v;
@@ -560,8 +545,8 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 									  : w->preqs[i].save_end;
 		nblk += (e2 + bs - 1) / bs;
 	}
-	if (grow((void **)&w->blocks, &w->blocks_cap, nblk, sizeof(*w->blocks)) ||
-	    grow((void **)&w->keys, &w->keys_cap, nkeys, sizeof(*w->keys)))
+	if (kvrt_grow((void **)&w->blocks, &w->blocks_cap, nblk, sizeof(*w->blocks)) ||
+	    kvrt_grow((void **)&w->keys, &w->keys_cap, nkeys, sizeof(*w->keys)))
 		return -ENOMEM;
 	/* Pass 2: block tables (vLLM's null block 0 where nothing is read or
 	 * written) and the scheduler's keys. */
@@ -664,7 +649,7 @@ int kvrt_worker_get_finished(struct kvrt_worker *w, void *buf, size_t cap, uint3
 	if (!w->npend)
 		return 0;
 	size_t nd = 0;
-	if (grow((void **)&w->scratch, &w->scratch_cap, 3 * w->npend + 3, sizeof(uint64_t)))
+	if (kvrt_grow((void **)&w->scratch, &w->scratch_cap, 3 * w->npend + 3, sizeof(uint64_t)))
 		return -ENOMEM;
 	uint64_t *delayed = w->scratch;
 	/* The engine keeps a delayed id until it reports it: hand each once. */
@@ -1255,7 +1240,7 @@ static int rt_add(struct kvrt_sched *s, size_t *nrt, uint64_t hash, uint64_t ns,
 			}
 			return 0;
 		}
-	if (grow((void **)&s->rt, &s->rt_cap, *nrt + 1, sizeof(*s->rt)))
+	if (kvrt_grow((void **)&s->rt, &s->rt_cap, *nrt + 1, sizeof(*s->rt)))
 		return -ENOMEM;
 	s->rt[*nrt].hash = hash;
 	s->rt[*nrt].ns = ns;
@@ -1286,10 +1271,10 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 		want_keys += st->reqs[i].num_computed / cs + 2;
 		want_blk += st->reqs[i].num_blocks;
 	}
-	if (grow((void **)&s->mreq, &s->mreq_cap, want_items + 1, sizeof(*s->mreq)) ||
-	    grow((void **)&s->keys, &s->keys_cap, want_keys + 1, sizeof(*s->keys)) ||
-	    grow((void **)&s->blk, &s->blk_cap, want_blk + 1, sizeof(*s->blk)) ||
-	    grow((void **)&s->ids, &s->ids_cap, st->num_preempted + s->ndelayed + 1, sizeof(*s->ids))) {
+	if (kvrt_grow((void **)&s->mreq, &s->mreq_cap, want_items + 1, sizeof(*s->mreq)) ||
+	    kvrt_grow((void **)&s->keys, &s->keys_cap, want_keys + 1, sizeof(*s->keys)) ||
+	    kvrt_grow((void **)&s->blk, &s->blk_cap, want_blk + 1, sizeof(*s->blk)) ||
+	    kvrt_grow((void **)&s->ids, &s->ids_cap, st->num_preempted + s->ndelayed + 1, sizeof(*s->ids))) {
 		rc = -ENOMEM;
 		goto out;
 	}
@@ -1424,7 +1409,7 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 	size_t total = _FRAME_HDR + mpad;
 	for (size_t i = 0; i < nrt; i++)
 		total += 24 + 4 * (size_t)s->rt[i].ntok;
-	if (grow((void **)&s->out, &s->out_cap, total, 1)) {
+	if (kvrt_grow((void **)&s->out, &s->out_cap, total, 1)) {
 		rc = -ENOMEM;
 		goto out;
 	}
@@ -1485,7 +1470,7 @@ int kvrt_sched_finished(struct kvrt_sched *s, const char *id, uint32_t id_len, b
 		if (q->save_step != UINT64_MAX) {
 			size_t cap = s->delayed_cap;
 			char *c = malloc(id_len);
-			if (c && !grow((void **)&s->delayed, &cap, s->ndelayed + 1, sizeof(*s->delayed))) {
+			if (c && !kvrt_grow((void **)&s->delayed, &cap, s->ndelayed + 1, sizeof(*s->delayed))) {
 				s->delayed_cap = (uint32_t)cap;
 				memcpy(c, id, id_len);
 				s->delayed[s->ndelayed++] = (struct kvrt_bytes){c, id_len};

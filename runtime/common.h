@@ -8,9 +8,11 @@
 #ifndef KVRT_RUNTIME_COMMON_H
 #define KVRT_RUNTIME_COMMON_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <time.h>
 
 #define KVRT_LIKELY(x) __builtin_expect(!!(x), 1)
@@ -29,6 +31,23 @@
 	} while (0)
 
 _Noreturn void kvrt_assert_fail(const char *expr, const char *file, int line);
+
+/* Make *p (an array of elem-byte items, *cap of them) hold at least need
+ * items, doubling from 64; contents kept. 0 or -ENOMEM (*p unchanged). */
+static inline int kvrt_grow(void **p, size_t *cap, size_t need, size_t elem)
+{
+	if (need <= *cap)
+		return 0;
+	size_t c = *cap ? *cap : 64;
+	while (c < need)
+		c *= 2;
+	void *n = realloc(*p, c * elem);
+	if (!n)
+		return -ENOMEM;
+	*p = n;
+	*cap = c;
+	return 0;
+}
 
 /* Monotonic clock in nanoseconds (vDSO, no syscall). */
 static inline uint64_t kvrt_now_ns(void)
