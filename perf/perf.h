@@ -64,4 +64,12 @@ const char *kvrt_perf_opt(const struct kvrt_perf *p, const char *key, const char
 /* Percentile q (0..100) of n doubles; sorts v in place. */
 double kvrt_perf_percentile(double *v, size_t n, double q);
 
+/* The CPU tier's put (take a slab, copy in, admit) and get (lookup with a
+ * pin, copy out, unpin) of one chunk of `bytes` (`tokens` tokens) through
+ * an 8-slab pool, median GB/s of the suite's reps (suite_store.c; the
+ * lmcache suite uses it too). *refused: puts that waited for the ring.
+ * 0, -ENOMEM, or -EIO (a get missed or returned other bytes). */
+int kvrt_perf_cpu_put_get(struct kvrt_perf *p, size_t bytes, uint32_t tokens, double *put, double *get,
+			  uint64_t *refused);
+
 #endif

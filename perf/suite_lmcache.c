@@ -624,102 +624,6 @@ out:
 	return rc;
 }
 
-static void fill_random(void *p, size_t n, uint64_t seed)
-{
-	uint64_t *w = p;
-	for (size_t i = 0; i < n / 8; i++) {
-		seed ^= seed << 13;
-		seed ^= seed >> 7;
-		seed ^= seed << 17;
-		w[i] = seed;
-	}
-}
-
-/* CPU put/get of one chunk, p50 GB/s: the path of suite_store (take a slab,
- * copy in, admit / lookup with a pin, copy out, unpin), same 8-slab pool. */
-static int kvrt_put_get(struct kvrt_perf *p, size_t bytes, double *put, double *get)
-{
-	const uint32_t slabs = 8;
-	struct kvrt_chunk_shape shape = {.num_layers = 32, .token_bytes = (uint32_t)(bytes / 32 / LMC_CHUNK),
-					 .elem_size = 2};
-	void *src = aligned_alloc(4096, bytes), *dst = aligned_alloc(4096, bytes);
-	struct kvrt_index *idx = NULL;
-	struct kvrt_pool *pool = NULL;
-	struct kvrt_evict *ev = NULL;
-	struct kvrt_index_reader *r = NULL;
-	int rc = -ENOMEM, reps = kvrt_perf_quick(p) ? 5 : 20;
-	uint64_t n = (uint64_t)reps * 3, put_t[64], get_t[64];
-	if (!src || !dst)
-		goto out;
-	fill_random(src, bytes, 1);
-	memset(dst, 1, bytes);
-	if ((rc = kvrt_index_create(&idx, &(struct kvrt_index_config){.capacity = 1024})) ||
-	    (rc = kvrt_pool_create(&pool, &(struct kvrt_pool_config){.budget_bytes = slabs * bytes,
-								     .slab_bytes = bytes,
-								     .ring_size = 4,
-								     .populate = true})) ||
-	    (rc = kvrt_evict_create(&ev, &(struct kvrt_evict_config){.index = idx,
-								      .pool = pool,
-								      .shape = shape,
-								      .high_watermark = 0.75,
-								      .low_watermark = 0.5})))
-		goto out;
-	if (!(r = kvrt_index_reader_open(idx))) {
-		rc = -ENOMEM;
-		goto out;
-	}
-	for (uint32_t i = 0; i < slabs * 2; i++) { /* fault every slab in */
-		uint32_t s;
-		while (!kvrt_pool_take(pool, &s))
-			kvrt_evict_sync(ev);
-		memset(kvrt_pool_addr(pool, s), 0, bytes);
-		kvrt_evict_return_slabs(ev, &s, 1);
-		kvrt_evict_sync(ev);
-	}
-	for (uint64_t i = 0; i < n; i++) {
-		struct kvrt_chunk_key k = {.lo = i * 0x9e3779b97f4a7c15ull + 1, .hi = i};
-		uint32_t s;
-		uint64_t t0 = kvrt_now_ns();
-		while (!kvrt_pool_take(pool, &s))
-			kvrt_cpu_relax();
-		memcpy(kvrt_pool_addr(pool, s), src, bytes);
-		while (kvrt_evict_admit(ev, k, s, LMC_CHUNK, 0))
-			kvrt_cpu_relax();
-		put_t[i] = kvrt_now_ns() - t0;
-		kvrt_evict_sync(ev); /* untimed: the admit is asynchronous */
-
-		struct kvrt_index_hit h;
-		t0 = kvrt_now_ns();
-		size_t got = kvrt_index_lookup(r, &k, 1, 1, KVRT_INDEX_PIN | KVRT_INDEX_TOUCH, &h);
-		if (got == 1) {
-			memcpy(dst, kvrt_pool_addr(pool, h.slab), bytes);
-			kvrt_index_unpin_owner(idx, 1);
-		}
-		get_t[i] = kvrt_now_ns() - t0;
-		if (got != 1) {
-			kvrt_perf_note(p, "kvrt get missed a chunk just put: a bug");
-			rc = -EIO;
-			goto out;
-		}
-	}
-	if (memcmp(src, dst, bytes)) {
-		kvrt_perf_note(p, "kvrt get returned different bytes: a bug");
-		rc = -EIO;
-		goto out;
-	}
-	*put = (double)bytes / (p50_us(put_t, n) * 1e3);
-	*get = (double)bytes / (p50_us(get_t, n) * 1e3);
-	rc = 0;
-out:
-	kvrt_index_reader_close(r);
-	kvrt_evict_destroy(ev);
-	kvrt_pool_destroy(pool);
-	kvrt_index_destroy(idx);
-	free(src);
-	free(dst);
-	return rc;
-}
-
 /* ---- the suite ---------------------------------------------------------------- */
 
 static void fig(struct kvrt_perf *p, const char *name, double v, const char *unit, const char *lname,
@@ -751,7 +655,8 @@ static int run(struct kvrt_perf *p)
 		return rc;
 	double put = NAN, get = NAN;
 	size_t bytes = (size_t)chunk_mb << 20;
-	if ((rc = kvrt_put_get(p, bytes, &put, &get)))
+	uint64_t refused;
+	if ((rc = kvrt_perf_cpu_put_get(p, bytes, LMC_CHUNK, &put, &get, &refused)))
 		return rc;
 
 	double speedup_32k = NAN;
