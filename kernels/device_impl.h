@@ -97,6 +97,15 @@ int _kvrt_device_cuda_probe(const struct _kvrt_device_ops **out, int *count);
  * -ENODEV in builds without CUDA. */
 int _kvrt_cuda_copy_launch(void *stream, const struct _kvrt_copy_launch *l);
 
+/* Run that kernel's code on this CPU instead (l's pointers are host
+ * memory), thread by thread over the grids the launcher would use, with
+ * tokens split so that a grid has at most max_units units (the GPU:
+ * 2^31 - 1) and at most max_blocks blocks across (the GPU: 65535); small
+ * limits exercise the splitting and the kernel's grid-stride loop. For
+ * tests. 0; -EFAULT (an access not aligned to l->width); -EINVAL (a bad
+ * limit or width); -ENODEV in builds without CUDA. */
+int _kvrt_cuda_copy_emulate(const struct _kvrt_copy_launch *l, uint64_t max_units, uint32_t max_blocks);
+
 /* Run a struct kvrt_stream_post (device.c): the callback both backends
  * queue for kvrt_stream_post. */
 void _kvrt_device_post_run(void *post);

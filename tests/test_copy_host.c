@@ -2,13 +2,55 @@
  * against a naive per-head reference, for every layout, physical order,
  * element size, cross-layer and per-layer tensors, padded strides, random
  * slot tables with -1 holes, partial chunks, odd chunk alignment, and
- * launches of one layer, some layers and all layers. */
+ * launches of one layer, some layers and all layers.
+ *
+ * The same checks run the CUDA kernel's own per-thread code on this CPU
+ * (copy_cuda.cu's emulation, over the grids its launcher makes, with
+ * small grid limits too so that the kernel's grid-stride loop and the
+ * launcher's splits run): the kernel's addressing is tested on machines
+ * without a GPU. Builds without nvcc (the sanitizer variants) skip those. */
 #include <criterion/criterion.h>
 #include <errno.h>
 
 #include "kernels/copy.h"
+#include "kernels/device_impl.h"
 #include "kernels/layout.h"
 #include "tests/test_kern_util.h"
+
+/* A gather/scatter engine under test: the host engine, or the CUDA
+ * kernel's code emulated with grid limits (units, blocks). */
+struct engine {
+	bool cuda;
+	uint64_t max_units;
+	uint32_t max_blocks;
+};
+
+static const struct engine HOST = {false, 0, 0};
+static const struct engine CUDA_GPU_LIMITS = {true, (1u << 31) - 1, 65535};
+
+static void run_copy(const struct engine *e, const struct kvrt_copy_layer *layers,
+		     const struct kvrt_copy_geom *g, const struct kvrt_copy_plan *p, uint32_t l0,
+		     uint32_t nl, enum kvrt_copy_dir dir, const char *name)
+{
+	if (!e->cuda) {
+		kvrt_copy_host(layers, g, p->tok, p->num, l0, nl, dir);
+		return;
+	}
+	/* The width device.c's launcher picks for these tables. */
+	uint32_t w = kvrt_copy_width(kvrt_copy_layers_bits(layers, l0 + nl, g) | p->addr_bits);
+	struct _kvrt_copy_launch l = {.layers = layers, .tok = p->tok, .ntok = p->num, .layer_first = l0,
+				      .layer_count = nl, .width = w, .geom = *g, .dir = (int)dir};
+	int rc = _kvrt_cuda_copy_emulate(&l, e->max_units, e->max_blocks);
+	cr_assert_eq(rc, 0, "%s: the CUDA kernel's code (width %u) failed: %d", name, w, rc);
+}
+
+/* Skip unless this build has the CUDA kernel (nvcc). */
+static void need_cuda_kernel(void)
+{
+	struct _kvrt_copy_launch l = {.width = 1};
+	if (_kvrt_cuda_copy_emulate(&l, 1, 1) == -ENODEV)
+		cr_skip_test("built without nvcc: the CUDA kernel is a stub here");
+}
 
 #define POISON 0xA7
 
@@ -90,7 +132,7 @@ static void assert_chunks_equal(struct fixture *f, const char *what)
  * against the reference; then scatter the chunks into a fresh random
  * tensor and check every byte of it: the plan's slots now equal the
  * original tensor's, and nothing else changed. */
-static void run_spec(const struct kt_spec *s, uint64_t seed, int mode)
+static void run_spec_on(const struct engine *e, const struct kt_spec *s, uint64_t seed, int mode)
 {
 	struct fixture f;
 	fixture_init(&f, s, seed);
@@ -99,9 +141,9 @@ static void run_spec(const struct kt_spec *s, uint64_t seed, int mode)
 	uint32_t l0 = mode == 2 ? 1 : 0, nl = mode == 2 ? L - 2 : L;
 	if (mode == 1) {
 		for (uint32_t l = 0; l < L; l++)
-			kvrt_copy_host(f.set->layer, g, f.plan.tok, f.plan.num, l, 1, KVRT_COPY_GATHER);
+			run_copy(e, f.set->layer, g, &f.plan, l, 1, KVRT_COPY_GATHER, f.name);
 	} else {
-		kvrt_copy_host(f.set->layer, g, f.plan.tok, f.plan.num, l0, nl, KVRT_COPY_GATHER);
+		run_copy(e, f.set->layer, g, &f.plan, l0, nl, KVRT_COPY_GATHER, f.name);
 	}
 	kt_reference(&f.m, &f.c, f.want, l0, nl, true);
 	assert_chunks_equal(&f, "gather");
@@ -117,7 +159,7 @@ static void run_spec(const struct kt_spec *s, uint64_t seed, int mode)
 		expect[i] = malloc(f.m.bytes);
 		memcpy(expect[i], f.m.base[i], f.m.bytes);
 	}
-	kvrt_copy_host(f.set->layer, g, f.plan.tok, f.plan.num, l0, nl, KVRT_COPY_SCATTER);
+	run_copy(e, f.set->layer, g, &f.plan, l0, nl, KVRT_COPY_SCATTER, f.name);
 	/* Reference scatter into the expected images. */
 	struct kt_model em = f.m;
 	em.base = expect;
@@ -150,6 +192,11 @@ static void run_spec(const struct kt_spec *s, uint64_t seed, int mode)
 	free(orig);
 	free(expect);
 	fixture_fini(&f);
+}
+
+static void run_spec(const struct kt_spec *s, uint64_t seed, int mode)
+{
+	run_spec_on(&HOST, s, seed, mode);
 }
 
 Test(copy_host, every_layout_all_layers_one_launch)
@@ -253,4 +300,68 @@ Test(copy_plan, access_width)
 	cr_assert_eq(kvrt_copy_width(p.addr_bits), 16);
 	cr_assert_eq(kvrt_copy_plan_add(&p, chunk + 2, 4, 0, 1, s), 0);
 	cr_assert_eq(kvrt_copy_width(p.addr_bits), 2, "one misaligned chunk narrows the launch");
+}
+
+/* --- the CUDA kernel's code, emulated on this CPU ------------------------ */
+
+Test(copy_cuda_emulated, every_layout_all_modes)
+{
+	need_cuda_kernel();
+	struct kt_spec specs[128];
+	uint32_t n = kt_specs(specs, 128);
+	for (uint32_t i = 0; i < n; i++)
+		run_spec_on(&CUDA_GPU_LIMITS, &specs[i], 5000 + i, (int)(i % 3));
+}
+
+/* One block across (the kernel's grid-stride loop does all the work) and
+ * grids of a few hundred units (the launcher splits the tokens). */
+Test(copy_cuda_emulated, small_grids_stride_and_split)
+{
+	need_cuda_kernel();
+	struct kt_spec specs[128];
+	uint32_t n = kt_specs(specs, 128);
+	const struct engine tiny[] = {{true, (1u << 31) - 1, 1}, {true, 300, 65535}, {true, 97, 2}};
+	for (uint32_t i = 0; i < n; i++)
+		run_spec_on(&tiny[i % 3], &specs[i], 6000 + i, (int)((i / 3) % 3));
+}
+
+/* Llama-like geometry (16-byte accesses) in the three physical orders. */
+Test(copy_cuda_emulated, llama_shape_nhd_and_hnd)
+{
+	need_cuda_kernel();
+	for (int order = 0; order < 3; order++) {
+		struct kt_spec s = {.layout = order == 2 ? KVRT_KV_FLASHINFER : KVRT_KV_FLASH_ATTN,
+				    .order = order == 1 ? KT_HND : KT_NHD, .layers = 2, .nb = 48, .bs = 16,
+				    .heads = 8, .hs = 128, .elem = 2};
+		run_spec_on(&CUDA_GPU_LIMITS, &s, 177 + (uint64_t)order, 0);
+	}
+}
+
+/* A width wider than the addresses allow is caught, not executed: the
+ * emulation checks the alignment device.c's choice promises the GPU. */
+Test(copy_cuda_emulated, misaligned_width_is_refused)
+{
+	need_cuda_kernel();
+	struct kvrt_copy_geom g = small_geom();
+	_Alignas(16) unsigned char tensor[2 * 10 * 4 * 64];
+	_Alignas(16) unsigned char chunk[4 * 2 * 64 + 16];
+	struct kvrt_copy_layer layer = {.base = (uint64_t)(uintptr_t)tensor, .s_kv = 10 * 4 * 32,
+					.s_block = 4 * 32, .s_tok = 32, .s_head = 16};
+	struct kvrt_copy_tok rows[4];
+	struct kvrt_copy_plan p;
+	kvrt_copy_plan_init(&p, &g, rows, 4);
+	for (size_t i = 0; i < sizeof(tensor); i++)
+		tensor[i] = (unsigned char)(i * 7 + 1);
+	memset(chunk, 0xA7, sizeof(chunk));
+	int64_t s[2] = {5, 9};
+	cr_assert_eq(kvrt_copy_plan_add(&p, chunk + 2, 2, 0, 2, s), 0);
+	struct _kvrt_copy_launch l = {.layers = &layer, .tok = p.tok, .ntok = p.num, .layer_first = 0,
+				      .layer_count = 1, .width = 16, .geom = g, .dir = KVRT_COPY_GATHER};
+	cr_assert_eq(_kvrt_cuda_copy_emulate(&l, (1u << 31) - 1, 65535), -EFAULT);
+	l.width = kvrt_copy_width(kvrt_copy_layers_bits(&layer, 1, &g) | p.addr_bits);
+	cr_assert_eq(l.width, 2);
+	cr_assert_eq(_kvrt_cuda_copy_emulate(&l, (1u << 31) - 1, 65535), 0);
+	cr_assert_eq(memcmp(chunk + 2, tensor + 5 / 4 * 128 + 5 % 4 * 32, 32), 0, "slot 5's K");
+	l.width = 3;
+	cr_assert_eq(_kvrt_cuda_copy_emulate(&l, 1, 1), -EINVAL);
 }
