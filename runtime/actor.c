@@ -316,7 +316,7 @@ static void wait_for_turn(struct kvrt_actor *a, unsigned int ticket)
 }
 
 /* 1 queued, 0 full, -ESHUTDOWN closed (see "Shutdown" at the top). */
-static int post_once(struct kvrt_actor *a, const struct kvrt_msg *m)
+static int post_once(struct kvrt_actor *a, const struct kvrt_msg *m, bool wake)
 {
 	unsigned int ticket;
 	struct kvrt_msg *slot = ck_ring_enqueue_reserve_mpsc_kvrt_msg(&a->ring, a->slots, &ticket);
@@ -343,7 +343,7 @@ static int post_once(struct kvrt_actor *a, const struct kvrt_msg *m)
 		syscall(SYS_futex, &a->ring.p_tail, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 	if (closed)
 		return -ESHUTDOWN;
-	if (atomic_load_explicit(&a->idle, memory_order_relaxed))
+	if (wake && atomic_load_explicit(&a->idle, memory_order_relaxed))
 		ev_async_send(a->loop, &a->wake);
 	return 1;
 }
@@ -363,7 +363,16 @@ static const struct kvrt_msg *traced(struct kvrt_actor *a, const struct kvrt_msg
 bool kvrt_actor_try_post(struct kvrt_actor *a, const struct kvrt_msg *m)
 {
 	struct kvrt_msg copy;
-	if (post_once(a, traced(a, m, &copy)) == 1)
+	if (post_once(a, traced(a, m, &copy), true) == 1)
+		return true;
+	atomic_fetch_add_explicit(&a->rejected, 1, memory_order_relaxed);
+	return false;
+}
+
+bool kvrt_actor_try_post_quiet(struct kvrt_actor *a, const struct kvrt_msg *m)
+{
+	struct kvrt_msg copy;
+	if (post_once(a, traced(a, m, &copy), false) == 1)
 		return true;
 	atomic_fetch_add_explicit(&a->rejected, 1, memory_order_relaxed);
 	return false;
@@ -375,7 +384,7 @@ int kvrt_actor_post(struct kvrt_actor *a, const struct kvrt_msg *m, uint64_t tim
 	m = traced(a, m, &copy);
 	uint64_t deadline = 0, sleep_ns = 2000;
 	for (int spins = 0;; spins++) {
-		int r = post_once(a, m);
+		int r = post_once(a, m, true);
 		if (r == 1)
 			return 0;
 		if (r < 0)

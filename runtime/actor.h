@@ -97,6 +97,12 @@ int kvrt_actor_create(struct kvrt_actor **out, const struct kvrt_actor_config *c
  * false: the mailbox is full or the actor is stopping; nothing was queued. */
 bool kvrt_actor_try_post(struct kvrt_actor *a, const struct kvrt_msg *m);
 
+/* kvrt_actor_try_post without waking the actor if it sleeps: the message
+ * is handled at its next wake-up (the next waking post, a timer). For a
+ * run of messages that a waking post always ends: each wake-up of an idle
+ * actor costs the poster a system call and the actor a thread switch. */
+bool kvrt_actor_try_post_quiet(struct kvrt_actor *a, const struct kvrt_msg *m);
+
 /* Post, waiting up to timeout_ns for room (spin, then sleep with back-off).
  * Any thread. 0, -ETIMEDOUT (still full), -ESHUTDOWN (stopping), or
  * -EDEADLK (the actor posting to its own full mailbox would wait forever). */

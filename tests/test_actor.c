@@ -315,3 +315,34 @@ Test(actor, hooks_timers_and_bad_config)
 	cr_assert(s.timer_fired_on_self, "timer on the actor's loop did not fire on its thread");
 	kvrt_actor_destroy(a);
 }
+
+/* A quiet post does not wake a sleeping actor: it waits in the mailbox
+ * until the next waking post, then both are handled, in order. (The save
+ * actor's per-layer messages are quiet; the step's end wakes it.) */
+Test(actor, quiet_post_waits_for_the_next_wake)
+{
+	struct sink s;
+	struct kvrt_actor *a = make_sink(&s, 16, &sink_ops);
+	struct kvrt_msg call = {.type = MSG_CALL};
+	struct kvrt_completion c;
+	cr_assert_eq(kvrt_actor_call(a, &call, &c, 1000000000ull), 0);
+	usleep(200000); /* the actor is asleep */
+	for (uint64_t i = 0; i < 3; i++) {
+		struct kvrt_msg m = {.type = MSG_SEQ, .arg32 = 0};
+		m.arg.u64[0] = i;
+		cr_assert(kvrt_actor_try_post_quiet(a, &m));
+	}
+	usleep(100000);
+	struct kvrt_actor_stats st;
+	kvrt_actor_stats(a, &st);
+	cr_assert_eq(st.handled, 1, "a quiet post woke the actor");
+	cr_assert_eq(st.depth, 3);
+	struct kvrt_msg m = {.type = MSG_SEQ, .arg32 = 0};
+	m.arg.u64[0] = 3;
+	cr_assert(kvrt_actor_try_post(a, &m));
+	cr_assert_eq(kvrt_actor_call(a, &call, &c, 1000000000ull), 0);
+	kvrt_actor_stop(a);
+	cr_assert_eq(s.got[0], 4);
+	cr_assert_eq(s.out_of_order, 0);
+	kvrt_actor_destroy(a);
+}
