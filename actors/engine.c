@@ -635,7 +635,10 @@ unsigned kvrt_engine_step_work(const struct kvrt_engine *e)
 	if (!e->registered)
 		return 0;
 	const struct _kvrt_step *st = &e->step;
-	return (st->nsync ? KVRT_STEP_LOADS : 0) | (st->save_posted && !st->save_ended ? KVRT_STEP_SAVES : 0);
+	unsigned w = st->nsync ? KVRT_STEP_LOADS : 0;
+	if (st->save_posted && !st->save_ended)
+		w |= KVRT_STEP_SAVES | (e->cfg.all_at_once ? 0 : KVRT_STEP_SAVE_LAYERS);
+	return w;
 }
 
 int kvrt_engine_save_barrier(struct kvrt_engine *e)
@@ -834,7 +837,7 @@ int kvrt_engine_save_layer(struct kvrt_engine *e, uint32_t layer)
 	if (!e->registered || layer >= e->set->num_inputs)
 		return -EINVAL;
 	struct _kvrt_step *st = &e->step;
-	if (!st->save_posted || st->save_ended || st->save_broken)
+	if (!st->save_posted || st->save_ended || st->save_broken || e->cfg.all_at_once)
 		return 0;
 	uint32_t d = e->set->input_layer[layer];
 	if (st->layer_saved[d])
@@ -858,12 +861,20 @@ int kvrt_engine_wait_save(struct kvrt_engine *e)
 	if (!st->save_posted || st->save_ended)
 		return 0;
 	st->save_ended = true;
+	/* All at once: every layer is gathered behind this point of the
+	 * compute stream (save_cev[0] serves as the forward's end). */
+	bool all = false;
+	if (e->cfg.all_at_once && !st->save_broken) {
+		all = kvrt_event_record(e->save_cev[0], e->compute) == 0;
+		if (!all)
+			_KVRT_STAT_ADD(e, st_save_skipped_mailbox, 1);
+	}
 	/* SAVE_END must get through (the mailbox has room for a step's
 	 * messages): without it the step's slabs and its completion would be
 	 * lost. A full mailbox means the actor is slow: keep trying. */
 	int rc;
 	uint64_t t0 = kvrt_now_ns();
-	while ((rc = _kvrt_save_post_end(e->save, st->gen)) == -ETIMEDOUT && kvrt_now_ns() - t0 < _WAIT_LIMIT_NS)
+	while ((rc = _kvrt_save_post_end(e->save, st->gen, all)) == -ETIMEDOUT && kvrt_now_ns() - t0 < _WAIT_LIMIT_NS)
 		;
 	if (rc) {
 		kvrt_error("engine: could not end step %u's save (%d)", st->gen, rc);

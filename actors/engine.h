@@ -271,13 +271,17 @@ int kvrt_engine_start_load(struct kvrt_engine *e);
  * step's loads if start_load was not called yet. 0, -EINVAL (layer), -EIO. */
 int kvrt_engine_wait_layer(struct kvrt_engine *e, uint32_t layer);
 
-/* save_kv_layer(layer): record the compute stream's progress and post the
- * layer to the save actor, which gathers it behind that point. Never
- * blocks: a full mailbox skips the step's save (counted). 0 or -EINVAL. */
+/* save_kv_layer(layer): layerwise (all_at_once false): record the compute
+ * stream's progress and post the layer to the save actor, which gathers it
+ * behind that point. Never blocks: a full mailbox skips the step's save
+ * (counted). All at once: nothing (wait_save marks the forward's end and
+ * every layer is gathered behind it; vLLM's per-layer hooks do not even
+ * run under full CUDA graphs). 0 or -EINVAL. */
 int kvrt_engine_save_layer(struct kvrt_engine *e, uint32_t layer);
 
 /* wait_for_save: ends the step's saves and returns without waiting for
- * their gathers. The gathers read vLLM's blocks after the forward moved on:
+ * their gathers (all at once: it records the compute stream's progress,
+ * behind which they run). The gathers read vLLM's blocks after the forward moved on:
  * that is safe because vLLM rewrites a block only after it freed it, and
  * it frees a saving request's blocks only when get_finished reports it
  * (delay_free) or on preemption (the next bind_step with preempted set, or
@@ -288,10 +292,12 @@ int kvrt_engine_wait_save(struct kvrt_engine *e);
 
 /* What the bound step needs of the per-layer calls: KVRT_STEP_LOADS when
  * wait_layer must be called (synchronous loads), KVRT_STEP_SAVES when
- * save_layer and wait_save must (saves posted). 0: the per-layer calls
- * would do nothing, a caller may skip them (the shim does). */
+ * wait_save must (saves posted), KVRT_STEP_SAVE_LAYERS when save_layer
+ * must too (layerwise saves). 0: the calls would do nothing, a caller may
+ * skip them (the shim does). */
 #define KVRT_STEP_LOADS 1u
 #define KVRT_STEP_SAVES 2u
+#define KVRT_STEP_SAVE_LAYERS 4u
 unsigned kvrt_engine_step_work(const struct kvrt_engine *e);
 
 /* handle_preemptions: returns once every gather of the steps whose saves

@@ -11,10 +11,15 @@
  * takes a slab for each (none free: the rest of that request is skipped and
  * counted; the step never waits for eviction), uploads the plan and
  * publishes save_taken (the next bind waits for that before it rewrites
- * e->step). SAVE_LAYER(l) (posted by save_layer after recording the compute stream's
- * progress in save_cev[l]) makes the save stream wait for that point and
- * gathers layer l of every chunk. SAVE_END (posted by wait_save, which
- * does not wait for it) records save_done behind the gathers, publishes
+ * e->step). Layerwise, SAVE_LAYER(l) (posted by save_layer after recording
+ * the compute stream's progress in save_cev[l]; posted quietly: it does
+ * not wake the actor, SAVE_END does) makes the save stream wait for that
+ * point and gathers layer l of every chunk. All at once (the default),
+ * save_layer posts nothing: SAVE_END gathers every layer in one launch
+ * behind the forward's end, which wait_save records in save_cev[0] (one
+ * event and one wake-up per step instead of one per layer, and saves work
+ * when vLLM's per-layer hooks do not run: full CUDA graphs). SAVE_END
+ * (posted by wait_save, which does not wait for it) records save_done behind the gathers, publishes
  * save_pub (a preemption's barrier waits for it, then on save_done) and
  * posts SAVE_DONE behind them on the save stream: once
  * the gathers completed, complete chunks go to the evict actor for
@@ -228,10 +233,18 @@ static void on_done(struct kvrt_save *s, struct _sstep *t)
 	free(t);
 }
 
-static void on_end(struct kvrt_save *s, uint32_t gen)
+static void on_end(struct kvrt_save *s, uint32_t gen, bool gather_all)
 {
 	struct kvrt_engine *e = s->e;
 	KVRT_ASSERT(s->active && gen == s->gen);
+	/* All at once: one launch for every layer, behind the forward's end. */
+	if (gather_all && s->n && !s->failed) {
+		if (kvrt_stream_wait_event(e->sstream, e->save_cev[0]) ||
+		    kvrt_device_gather(e->sstream, e->dl, s->plan[s->k], 0, e->L))
+			s->failed = true;
+		else
+			s->gathered = e->L;
+	}
 	s->active = false;
 	kvrt_event_record(e->save_done, e->sstream);
 	kvrt_event_record(s->plan_ev[s->k], e->sstream);
@@ -269,7 +282,7 @@ static void handle(struct kvrt_actor *a, struct kvrt_msg *m)
 		_kvrt_pub_add(&s->e->save_taken, 1); /* the worker may rewrite e->step */
 		break;
 	case _SAVE_LAYER: on_layer(s, m->arg32, (uint32_t)m->arg.u64[0]); break;
-	case _SAVE_END: on_end(s, m->arg32); break;
+	case _SAVE_END: on_end(s, m->arg32, m->arg.u64[0] != 0); break;
 	case _SAVE_DONE: on_done(s, m->arg.ptr[0]); break;
 	}
 	if (m->reply)
@@ -378,11 +391,15 @@ bool _kvrt_save_try_post_layer(struct kvrt_save *s, uint32_t gen, uint32_t layer
 {
 	struct kvrt_msg m = {.type = _SAVE_LAYER, .arg32 = gen};
 	m.arg.u64[0] = layer;
-	return kvrt_actor_try_post(s->actor, &m);
+	/* Quiet: a layer's post does not wake the actor (a system call on the
+	 * forward's thread per layer); SAVE_END, always posted after, does. An
+	 * actor awake for SAVE_BEGIN still takes them as they come. */
+	return kvrt_actor_try_post_quiet(s->actor, &m);
 }
 
-int _kvrt_save_post_end(struct kvrt_save *s, uint32_t gen)
+int _kvrt_save_post_end(struct kvrt_save *s, uint32_t gen, bool gather_all)
 {
 	struct kvrt_msg m = {.type = _SAVE_END, .arg32 = gen};
+	m.arg.u64[0] = gather_all;
 	return kvrt_actor_post(s->actor, &m, 1000000000ull);
 }

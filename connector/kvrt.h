@@ -211,10 +211,13 @@ KVRT_API int kvrt_worker_preempted(struct kvrt_worker *w);
 
 /* After kvrt_worker_bind: bit 0 (1) when the step loads synchronously
  * (kvrt_worker_wait_layer must be called per layer), bit 1 (2) when it saves
- * (kvrt_worker_save_layer per layer and kvrt_worker_wait_save). 0: those
- * calls would do nothing this step and may be skipped; the vLLM shim skips
- * them, so a step with nothing to load or save costs vLLM's per-layer
- * hooks no call into kvrt. start_load must still be called. */
+ * (kvrt_worker_wait_save must be called), bit 2 (4) when its saves are
+ * layerwise (use_layerwise: kvrt_worker_save_layer per layer too; by
+ * default every layer is saved behind the forward's end that wait_save
+ * marks). 0: those calls would do nothing this step and may be skipped;
+ * the vLLM shim skips them, so a step with nothing to load or save costs
+ * vLLM's per-layer hooks no call into kvrt. start_load must still be
+ * called. */
 KVRT_API unsigned kvrt_worker_step_work(struct kvrt_worker *w);
 
 KVRT_API int kvrt_worker_start_load(struct kvrt_worker *w);

@@ -780,7 +780,8 @@ Test(pipeline, preemption_barrier_after_bind_keeps_the_step)
 	pr.save_end = a.T;
 	cr_assert_eq(kvrt_engine_bind_step(g.e, &(struct kvrt_step_plan){&pr, 1, false}), 0);
 	cr_assert_eq(kvrt_engine_save_barrier(g.e), 0);
-	cr_assert_eq(kvrt_engine_step_work(g.e), KVRT_STEP_SAVES, "the step's saves were ended");
+	cr_assert_eq(kvrt_engine_step_work(g.e), KVRT_STEP_SAVES | KVRT_STEP_SAVE_LAYERS,
+		     "the step's saves were ended");
 	cr_assert_eq(kvrt_engine_start_load(g.e), 0);
 	for (uint32_t l = 0; l < g.L; l++)
 		cr_assert_eq(kvrt_engine_save_layer(g.e, l), 0);
@@ -793,6 +794,70 @@ Test(pipeline, preemption_barrier_after_bind_keeps_the_step)
 	load_and_check(&g, r, 1, &hit, &from, &hit);
 	kvrt_engine_release(g.e, a.id);
 	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	preq_fini(&g, &a);
+	prig_down(&g);
+}
+
+/* All at once (the default outside tests): save_layer is never called (as
+ * under vLLM's full CUDA graphs, where the per-layer hooks do not run), and
+ * the step's KV is written by the "forward" on the compute stream after
+ * wait_save returned on the CPU: the chunk saved must hold that KV, so the
+ * gathers ran behind the forward's end, not at wait_save's call. */
+struct fwd_write {
+	struct prig *g;
+	struct preq *r;
+	uint64_t seed;
+};
+
+static void forward_writes(void *arg)
+{
+	struct fwd_write *fw = arg;
+	uint64_t rng = fw->seed;
+	for (uint32_t i = 0; i < fw->g->m.ntensors; i++)
+		kt_fill(fw->g->m.base[i], fw->g->m.bytes, &rng);
+	preq_snapshot(fw->g, fw->r);
+}
+
+Test(pipeline, all_at_once_saves_behind_the_forward)
+{
+	struct kt_spec s = small_spec();
+	struct kvrt_engine_config cfg = base_cfg(16);
+	cfg.all_at_once = true;
+	struct prig g;
+	prig_up(&g, &s, cfg, 24);
+	/* a compute stream that runs apart from this thread, as a GPU's does
+	 * (the host backend's default one is this thread: work runs inline) */
+	kvrt_stream_destroy(g.e->compute);
+	cr_assert_eq(kvrt_stream_create(g.e->dev, "forward", &g.e->compute), 0);
+	struct preq a;
+	preq_make(&g, &a, 93, 56, NULL, 0);
+	struct kvrt_plan_req pr = preq_plan(&g, &a);
+	pr.save_start = 0;
+	pr.save_end = a.T;
+	cr_assert_eq(kvrt_engine_bind_step(g.e, &(struct kvrt_step_plan){&pr, 1, false}), 0);
+	cr_assert_eq(kvrt_engine_step_work(g.e), KVRT_STEP_SAVES, "no per-layer save calls wanted");
+	cr_assert_eq(kvrt_engine_start_load(g.e), 0);
+	/* the forward, queued on the compute stream behind a gate */
+	struct gate gt = {0};
+	struct fwd_write fw = {&g, &a, 0xf0e1d2c3b4a59687ull};
+	cr_assert_eq(kvrt_stream_host_fn(g.e->compute, gate_fn, &gt), 0);
+	cr_assert_eq(kvrt_stream_host_fn(g.e->compute, forward_writes, &fw), 0);
+	cr_assert_eq(kvrt_engine_wait_save(g.e), 0);
+	cr_assert(!atomic_load(&gt.open), "wait_save waited for the forward");
+	pthread_t th;
+	cr_assert_eq(pthread_create(&th, NULL, gate_opener, &gt), 0);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	pthread_join(th, NULL);
+	uint32_t hit, from = 0;
+	struct preq *r[] = {&a};
+	lookup_all(&g, r, 1, &hit);
+	cr_assert_eq(hit, a.T, "saved %u of %u tokens", hit, a.T);
+	load_and_check(&g, r, 1, &hit, &from, &hit); /* the forward's KV, exact */
+	kvrt_engine_release(g.e, a.id);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	struct kvrt_engine_stats st;
+	kvrt_engine_stats(g.e, &st);
+	cr_assert_eq(st.save_abandoned, 0);
 	preq_fini(&g, &a);
 	prig_down(&g);
 }

@@ -180,7 +180,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             self._err_buf = (C.c_int64 * 4096)()
             self._track = _stats.Tracker()
             self._stats_raw = b""
-            self._loads = self._saves = False  # the bound step's work
+            self._loads = self._saves = self._save_layers = False  # the bound step's work
             import os
             self._track.chunk_size = int(self._cfg_get(
                 extra, "chunk_size", os.environ.get("KVRT_CHUNK_SIZE")
@@ -397,7 +397,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
     def bind_connector_metadata(self, connector_metadata):
         super().bind_connector_metadata(connector_metadata)
         data = getattr(connector_metadata, "data", b"")
-        self._loads = self._saves = False
+        self._loads = self._saves = self._save_layers = False
         if data:
             rc = self._lib.kvrt_worker_bind(self._worker, data, len(data))
             if rc:
@@ -407,6 +407,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             # then cost an attribute check, not a call into C.
             work = self._lib.kvrt_worker_step_work(self._worker)
             self._loads, self._saves = bool(work & 1), bool(work & 2)
+            self._save_layers = bool(work & 4)  # layerwise saves only
 
     def start_load_kv(self, forward_context, **kwargs):
         t0 = time.perf_counter_ns()
@@ -425,7 +426,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             self._track.wait_ns["load_wait_ms"] += time.perf_counter_ns() - t0
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
-        if not self._saves:
+        if not self._save_layers:
             return
         i = self._layers.get(layer_name)
         if i is not None:
