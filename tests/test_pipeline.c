@@ -848,6 +848,10 @@ Test(pipeline, all_at_once_saves_behind_the_forward)
 	cr_assert_eq(pthread_create(&th, NULL, gate_opener, &gt), 0);
 	cr_assert_eq(kvrt_engine_flush(g.e), 0);
 	pthread_join(th, NULL);
+	/* back to the caller-thread compute stream: the check below reads the
+	 * tensors as the forward would, after the load's wait */
+	kvrt_stream_destroy(g.e->compute);
+	cr_assert_eq(kvrt_stream_wrap(g.e->dev, NULL, &g.e->compute), 0);
 	uint32_t hit, from = 0;
 	struct preq *r[] = {&a};
 	lookup_all(&g, r, 1, &hit);
