@@ -220,10 +220,11 @@ int _kvrt_load_post_step(struct kvrt_load *l, uint32_t gen);
 
 int _kvrt_save_create(struct kvrt_engine *e, struct kvrt_save **out);
 void _kvrt_save_destroy(struct kvrt_save *s);
-/* Worker: post the bound step's saves / one layer / the end of the step
- * (gather_all: gather every layer first, behind save_cev[0]).
+/* Worker: post the bound step's saves (quiet: without waking the actor,
+ * SAVE_END will) / one layer / the end of the step (gather_all: gather
+ * every layer first, behind save_cev[0]).
  * begin and end wait for room (bounded); layer never blocks (false: full). */
-int _kvrt_save_post_begin(struct kvrt_save *s, uint32_t gen);
+int _kvrt_save_post_begin(struct kvrt_save *s, uint32_t gen, bool quiet);
 bool _kvrt_save_try_post_layer(struct kvrt_save *s, uint32_t gen, uint32_t layer);
 int _kvrt_save_post_end(struct kvrt_save *s, uint32_t gen, bool gather_all);
 

@@ -5,7 +5,8 @@
  * filled); a stash of slabs taken but not used (handed back at stop); the
  * records of steps whose gathers are in flight.
  *
- * A step: SAVE_BEGIN (posted by bind_step, while the forward runs) picks
+ * A step: SAVE_BEGIN (posted by bind_step; all at once, quietly: SAVE_END
+ * wakes the actor for both, so a step costs the forward one wake-up) picks
  * the chunks to save (engine.h: full chunks completed this step, the
  * prompt's tail, decode chunks by config), skips those already cached,
  * takes a slab for each (none free: the rest of that request is skipped and
@@ -381,10 +382,11 @@ void _kvrt_save_destroy(struct kvrt_save *s)
 	free_save(s);
 }
 
-int _kvrt_save_post_begin(struct kvrt_save *s, uint32_t gen)
+int _kvrt_save_post_begin(struct kvrt_save *s, uint32_t gen, bool quiet)
 {
 	struct kvrt_msg m = {.type = _SAVE_BEGIN, .arg32 = gen};
-	return kvrt_actor_post(s->actor, &m, 1000000000ull);
+	return quiet ? kvrt_actor_post_quiet(s->actor, &m, 1000000000ull)
+		     : kvrt_actor_post(s->actor, &m, 1000000000ull);
 }
 
 bool _kvrt_save_try_post_layer(struct kvrt_save *s, uint32_t gen, uint32_t layer)

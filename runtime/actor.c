@@ -378,17 +378,20 @@ bool kvrt_actor_try_post_quiet(struct kvrt_actor *a, const struct kvrt_msg *m)
 	return false;
 }
 
-int kvrt_actor_post(struct kvrt_actor *a, const struct kvrt_msg *m, uint64_t timeout_ns)
+static int post_wait(struct kvrt_actor *a, const struct kvrt_msg *m, uint64_t timeout_ns, bool wake)
 {
 	struct kvrt_msg copy;
 	m = traced(a, m, &copy);
 	uint64_t deadline = 0, sleep_ns = 2000;
 	for (int spins = 0;; spins++) {
-		int r = post_once(a, m, true);
+		int r = post_once(a, m, wake);
 		if (r == 1)
 			return 0;
 		if (r < 0)
 			break;
+		/* Full: if quiet posts filled it, the actor may sleep on them. */
+		if (spins == 0 && !wake && atomic_load_explicit(&a->idle, memory_order_relaxed))
+			ev_async_send(a->loop, &a->wake);
 		if (kvrt_actor_is_self(a)) {
 			/* Only this thread could make room: waiting would
 			 * deadlock. */
@@ -416,6 +419,16 @@ int kvrt_actor_post(struct kvrt_actor *a, const struct kvrt_msg *m, uint64_t tim
 	}
 	atomic_fetch_add_explicit(&a->rejected, 1, memory_order_relaxed);
 	return -ESHUTDOWN;
+}
+
+int kvrt_actor_post(struct kvrt_actor *a, const struct kvrt_msg *m, uint64_t timeout_ns)
+{
+	return post_wait(a, m, timeout_ns, true);
+}
+
+int kvrt_actor_post_quiet(struct kvrt_actor *a, const struct kvrt_msg *m, uint64_t timeout_ns)
+{
+	return post_wait(a, m, timeout_ns, false);
 }
 
 int kvrt_actor_call(struct kvrt_actor *a, struct kvrt_msg *m, struct kvrt_completion *c,

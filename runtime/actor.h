@@ -103,6 +103,10 @@ bool kvrt_actor_try_post(struct kvrt_actor *a, const struct kvrt_msg *m);
  * actor costs the poster a system call and the actor a thread switch. */
 bool kvrt_actor_try_post_quiet(struct kvrt_actor *a, const struct kvrt_msg *m);
 
+/* kvrt_actor_post without waking a sleeping actor (as try_post_quiet; a
+ * mailbox full of quiet posts does wake it, so the wait for room ends). */
+int kvrt_actor_post_quiet(struct kvrt_actor *a, const struct kvrt_msg *m, uint64_t timeout_ns);
+
 /* Post, waiting up to timeout_ns for room (spin, then sleep with back-off).
  * Any thread. 0, -ETIMEDOUT (still full), -ESHUTDOWN (stopping), or
  * -EDEADLK (the actor posting to its own full mailbox would wait forever). */

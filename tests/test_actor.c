@@ -330,7 +330,10 @@ Test(actor, quiet_post_waits_for_the_next_wake)
 	for (uint64_t i = 0; i < 3; i++) {
 		struct kvrt_msg m = {.type = MSG_SEQ, .arg32 = 0};
 		m.arg.u64[0] = i;
-		cr_assert(kvrt_actor_try_post_quiet(a, &m));
+		if (i == 1)
+			cr_assert_eq(kvrt_actor_post_quiet(a, &m, 1000000000ull), 0);
+		else
+			cr_assert(kvrt_actor_try_post_quiet(a, &m));
 	}
 	usleep(100000);
 	struct kvrt_actor_stats st;
@@ -343,6 +346,34 @@ Test(actor, quiet_post_waits_for_the_next_wake)
 	cr_assert_eq(kvrt_actor_call(a, &call, &c, 1000000000ull), 0);
 	kvrt_actor_stop(a);
 	cr_assert_eq(s.got[0], 4);
+	cr_assert_eq(s.out_of_order, 0);
+	kvrt_actor_destroy(a);
+}
+
+/* Quiet posts that fill the mailbox of a sleeping actor: a blocking quiet
+ * post wakes it rather than wait for room that would never come. */
+Test(actor, quiet_posts_filling_the_mailbox_wake_the_actor)
+{
+	struct sink s;
+	struct kvrt_actor *a = make_sink(&s, 16, &sink_ops);
+	struct kvrt_msg call = {.type = MSG_CALL};
+	struct kvrt_completion c;
+	cr_assert_eq(kvrt_actor_call(a, &call, &c, 1000000000ull), 0);
+	usleep(100000);
+	uint64_t n = 0;
+	for (;; n++) {
+		struct kvrt_msg m = {.type = MSG_SEQ, .arg32 = 0};
+		m.arg.u64[0] = n;
+		if (!kvrt_actor_try_post_quiet(a, &m))
+			break;
+	}
+	cr_assert_eq(n, 15, "a 16-slot mailbox took %lu", (unsigned long)n);
+	struct kvrt_msg m = {.type = MSG_SEQ, .arg32 = 0};
+	m.arg.u64[0] = n;
+	cr_assert_eq(kvrt_actor_post_quiet(a, &m, 5000000000ull), 0, "the full mailbox was never drained");
+	cr_assert_eq(kvrt_actor_call(a, &call, &c, 1000000000ull), 0);
+	kvrt_actor_stop(a);
+	cr_assert_eq(s.got[0], n + 1);
 	cr_assert_eq(s.out_of_order, 0);
 	kvrt_actor_destroy(a);
 }
