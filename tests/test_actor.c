@@ -316,17 +316,24 @@ Test(actor, hooks_timers_and_bad_config)
 	kvrt_actor_destroy(a);
 }
 
+/* A 16-slot sink that handled one call and then fell asleep. */
+static struct kvrt_actor *sleeping_sink(struct sink *s, struct kvrt_msg *call, struct kvrt_completion *c)
+{
+	struct kvrt_actor *a = make_sink(s, 16, &sink_ops);
+	cr_assert_eq(kvrt_actor_call(a, call, c, 1000000000ull), 0);
+	usleep(200000);
+	return a;
+}
+
 /* A quiet post does not wake a sleeping actor: it waits in the mailbox
  * until the next waking post, then both are handled, in order. (The save
  * actor's per-layer messages are quiet; the step's end wakes it.) */
 Test(actor, quiet_post_waits_for_the_next_wake)
 {
 	struct sink s;
-	struct kvrt_actor *a = make_sink(&s, 16, &sink_ops);
 	struct kvrt_msg call = {.type = MSG_CALL};
 	struct kvrt_completion c;
-	cr_assert_eq(kvrt_actor_call(a, &call, &c, 1000000000ull), 0);
-	usleep(200000); /* the actor is asleep */
+	struct kvrt_actor *a = sleeping_sink(&s, &call, &c);
 	for (uint64_t i = 0; i < 3; i++) {
 		struct kvrt_msg m = {.type = MSG_SEQ, .arg32 = 0};
 		m.arg.u64[0] = i;
@@ -355,11 +362,9 @@ Test(actor, quiet_post_waits_for_the_next_wake)
 Test(actor, quiet_posts_filling_the_mailbox_wake_the_actor)
 {
 	struct sink s;
-	struct kvrt_actor *a = make_sink(&s, 16, &sink_ops);
 	struct kvrt_msg call = {.type = MSG_CALL};
 	struct kvrt_completion c;
-	cr_assert_eq(kvrt_actor_call(a, &call, &c, 1000000000ull), 0);
-	usleep(100000);
+	struct kvrt_actor *a = sleeping_sink(&s, &call, &c);
 	uint64_t n = 0;
 	for (;; n++) {
 		struct kvrt_msg m = {.type = MSG_SEQ, .arg32 = 0};
