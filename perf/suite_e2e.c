@@ -33,6 +33,18 @@
  *            decoding 512 [128] steps of one token each: what kvrt costs per
  *            step in the steps that dominate serving when nothing is reused
  *            (issue target: < 20 us of caller CPU per step).
+ *   serve64  continuous batching at 0% reuse, the steady state of a server:
+ *            64 running requests (random 256-token prompts, outputs of
+ *            16..240 tokens, 128 on average); a request that ends is
+ *            replaced by a new one in the next step, which prefills it
+ *            beside the others' decode (so about one step in two admits
+ *            a request). 384 [256] steps recorded after 128 [64] to fill
+ *            up: kvrt's CPU per step of a batch of 64 as a server sees it.
+ *            The forward sleeps the modeled step time (the prefill model
+ *            below, applied to the step's new tokens: 6.4 ms for a decode
+ *            step of 64 on llama8b) so that the saves copy beside it as on
+ *            a GPU; back to back, every step after a save would wait for
+ *            the save actor (the back-pressure), which a real forward hides.
  *
  * Presets (per worker = per TP rank; block 16, chunk 256, host backend):
  *   llama8b   Llama-3.1-8B    32 layers, 8 KV heads x 128, bf16
@@ -57,7 +69,7 @@
  * time around the scheduler part and the forward part of each step, the
  * modeled attention excluded. By default mrqa and ldqa run with attention 0
  * (pure connector cost, so the load wait is the whole load) and noreuse
- * sleeps the modeled per-layer time (its saves copy in the background, as
+ * and serve64 sleep the modeled per-layer time (saves copy in the background, as
  * on a GPU, and must overlap something: the cost left is what the forward
  * really waited). attn=0 or attn=model sets every workload. Time the
  * replay could not start a step because every block was held by requests
@@ -100,6 +112,8 @@ static const struct preset presets[] = {
 struct req {
 	uint32_t *tok;
 	uint32_t len;
+	uint32_t prompt; /* prompt tokens (0: len; serve64 decodes past it) */
+	uint32_t out;    /* serve64: output tokens still to decode */
 	uint32_t wave;
 	uint32_t hit;    /* tokens kvrt matched */
 	int32_t *blk;    /* allocated blocks */
@@ -122,6 +136,12 @@ struct run {
 	struct req *r;
 	uint32_t nr, nwaves;
 	uint32_t decode_steps; /* decode64 */
+	uint32_t serve_steps, serve_warm; /* serve64 */
+	uint32_t serve_max;    /* serve64: longest prompt + output */
+	double *adm;           /* serve64: requests admitted, per recorded step */
+	double once;           /* forward: one sleep of this many s after the layers */
+	double once_cpu;       /* forward: CPU that sleep took (subtracted: a timer
+				* sleep costs 20-30 us of thread CPU on this VM) */
 	/* host "GPU" KV */
 	unsigned char **mem;
 	struct kvrt_tensor *t;
@@ -251,6 +271,22 @@ static int build_workload(struct run *x, const char *wl, bool quick)
 			q->len = 256;
 		}
 		x->decode_steps = steps;
+	} else if (!strcmp(wl, "serve64")) {
+		x->serve_steps = quick ? 256 : 384;
+		x->serve_warm = quick ? 64 : 128;
+		/* ends: 64 at the start, then ~64/128 per step; 1.5x margin */
+		uint32_t n = 64 + (x->serve_steps + x->serve_warm) * 3 / 4;
+		for (uint32_t i = 0; i < n; i++) {
+			uint32_t out = 16 + (uint32_t)(_rand(&x->rng) % 225);
+			struct req *q = add_req(x, 256 + out, 0);
+			if (!q)
+				return -ENOMEM;
+			fill_rand(x, q->tok, 256 + out);
+			q->len = q->prompt = 256;
+			q->out = out;
+			if (256 + out > x->serve_max)
+				x->serve_max = 256 + out;
+		}
 	} else if (!strcmp(wl, "noreuse") || !strcmp(wl, "batch64")) {
 		uint32_t n = !strcmp(wl, "batch64") ? 64 * (quick ? 50 : 200) : 256;
 		for (uint32_t i = 0; i < n; i++) {
@@ -276,6 +312,8 @@ static int tensors_up(struct run *x)
 	x->nblocks = (2 * BUDGET + maxp) / BLOCK + 64;
 	if (x->decode_steps) /* every request holds its blocks to the end */
 		x->nblocks = x->nr * ((maxp + x->decode_steps) / BLOCK + 1) + 64;
+	if (x->serve_steps) /* 64 running, and a few held by their saves */
+		x->nblocks = 80 * (x->serve_max / BLOCK + 1) + 64;
 	const struct preset *ps = x->ps;
 	size_t per_block = (size_t)BLOCK * ps->heads * ps->head * ps->elem;
 	size_t bytes = per_block * x->nblocks * (ps->mla ? 1 : 2);
@@ -363,7 +401,8 @@ static int handles_up(struct run *x, const char *wl)
 static struct kvrt_request creq(const struct req *q)
 {
 	return (struct kvrt_request){.id = q->id, .id_len = (uint32_t)strlen(q->id), .tokens = q->tok,
-				     .num_tokens = q->len, .total_tokens = q->len, .prompt_tokens = q->len};
+				     .num_tokens = q->len, .total_tokens = q->len,
+				     .prompt_tokens = q->prompt ? q->prompt : q->len};
 }
 
 static void sleep_s(double s)
@@ -442,6 +481,14 @@ static int forward(struct run *x, const void *meta, size_t mlen, double attn, bo
 		kvrt_worker_save_layer(x->w, l);
 		if (any_load)
 			t = _wall_s();
+	}
+	x->once_cpu = 0;
+	if (x->once > 0) {
+		double c0 = _cpu_s(), a0 = _wall_s();
+		sleep_s(x->once);
+		double a1 = _wall_s();
+		x->once_cpu = _cpu_s() - c0;
+		*slept += a1 - a0;
 	}
 	kvrt_worker_wait_save(x->w);
 	reap(x);
@@ -539,19 +586,59 @@ static int step(struct run *x, struct req **batch, uint32_t n, bool record)
 	return step_ex(x, batch, n, record, false);
 }
 
-/* One decode step of batch[0..n): each request computes one more token
- * (num_computed grows by one), nothing is admitted; the scheduler asks
- * save_need for every scheduled request, as the shim does. */
-static int decode_step(struct run *x, struct req **batch, uint32_t n)
+/* serve64: one step of continuous batching. run[0..*nrun) decode one token
+ * each; requests from x->r[*next] on are admitted (their whole prompt
+ * prefilled in this step) while fewer than 64 run and blocks are free;
+ * requests whose output is done end after the step (vLLM's
+ * request_finished), their blocks freed now or, with delay_free, when
+ * get_finished reports them. Caller CPU and wall of the scheduler part
+ * (lookups, after_alloc, save_need, build_meta) and of the worker part
+ * (bind .. get_finished) are recorded when record is set. */
+static int serve_step(struct run *x, struct req **run, uint32_t *nrun, uint32_t *next, bool record)
 {
 	struct kvrt_sched_req sr[64];
-	uint32_t ns = 0;
+	struct kvrt_request rq[64];
+	struct req *adm[64];
+	uint32_t nadm = 0, ns = 0, new_tokens = 0;
+	/* blocks for the whole request at once (vLLM grows them; kvrt only
+	 * sees the ids) */
+	while (*nrun + nadm < 64 && *next < x->nr) {
+		struct req *q = &x->r[*next];
+		uint32_t nb = (q->prompt + q->out) / BLOCK + 1;
+		if (nb > x->nfree)
+			break;
+		if (!(q->blk = malloc(nb * sizeof(int32_t))))
+			return -ENOMEM;
+		for (uint32_t j = 0; j < nb; j++)
+			q->blk[j] = x->freel[--x->nfree];
+		q->nblk = nb;
+		adm[nadm++] = q;
+		(*next)++;
+	}
 	double c0 = _cpu_s(), w0 = _wall_s();
-	for (uint32_t i = 0; i < n; i++) {
-		struct req *q = batch[i];
-		q->len++;
+	for (uint32_t i = 0; i < nadm; i++) {
+		rq[i] = creq(adm[i]);
+		uint32_t m = 0;
+		bool as = false;
+		kvrt_sched_lookup(x->s, &rq[i], 0, &m, &as);
+		adm[i]->hit = m;
+	}
+	double lc = nadm ? _cpu_s() - c0 : 0;
+	for (uint32_t i = 0; i < nadm; i++) {
+		struct req *q = adm[i];
+		kvrt_sched_after_alloc(x->s, &rq[i], q->blk, q->nblk, 0, q->hit);
+		new_tokens += q->len - q->hit;
+	}
+	/* the running requests decode one token; the new ones prefill */
+	for (uint32_t i = 0; i < *nrun + nadm; i++) {
+		struct req *q = i < *nrun ? run[i] : adm[i - *nrun];
+		if (i < *nrun) {
+			q->len++;
+			q->out--;
+			new_tokens++;
+		}
 		uint32_t idl = (uint32_t)strlen(q->id);
-		uint32_t need = kvrt_sched_save_need(x->s, q->id, idl, q->len, 256);
+		uint32_t need = kvrt_sched_save_need(x->s, q->id, idl, q->len, q->prompt);
 		if (need)
 			sr[ns++] = (struct kvrt_sched_req){.req = creq(q), .num_computed = q->len,
 							   .block_ids = q->blk, .num_blocks = q->nblk};
@@ -564,12 +651,72 @@ static int decode_step(struct run *x, struct req **batch, uint32_t n)
 	if (rc && !meta)
 		return rc;
 	double lw = 0, slept = 0;
+	/* the modeled forward, one sleep (per-layer sleeps would each add the
+	 * timer's CPU and clock reads to the figure) */
+	x->once = x->attn ? (double)new_tokens / x->rate : 0;
 	rc = forward(x, meta, mlen, 0, false, &lw, &slept);
+	x->once = 0;
+	if (rc)
+		return rc;
+	for (uint32_t i = 0; i < nadm; i++)
+		run[(*nrun)++] = adm[i];
+	/* requests whose output is done end (after the step's output) */
+	uint32_t keep = 0;
+	for (uint32_t i = 0; i < *nrun; i++) {
+		struct req *q = run[i];
+		if (q->out) {
+			run[keep++] = q;
+			continue;
+		}
+		bool delay = false;
+		kvrt_sched_finished(x->s, q->id, (uint32_t)strlen(q->id), &delay);
+		q->delayed = delay;
+		q->done = true;
+	}
 	double c2 = _cpu_s(), w2 = _wall_s();
-	x->conn_wall_total += (w1 - w0) + (w2 - w1);
-	x->lookup_cpu = 0;
-	int prc = push_step(x, c1 - c0, w1 - w0, c2 - c1, w2 - w1, 0, (double)n / x->rate);
-	return rc ? rc : prc;
+	for (uint32_t i = keep; i < *nrun; i++)
+		if (!run[i]->delayed)
+			free_blocks(x, run[i]);
+	*nrun = keep;
+	if (!record)
+		return 0;
+	x->conn_wall_total += (w1 - w0) + (w2 - w1 - slept);
+	x->lookup_cpu = lc;
+	int prc = push_step(x, c1 - c0, w1 - w0, c2 - c1 - x->once_cpu, w2 - w1 - slept, 0,
+			    (double)new_tokens / x->rate);
+	if (!prc) { /* push_step grew the arrays to hold this step */
+		double *a = realloc(x->adm, x->capsteps * sizeof(double));
+		if (!a)
+			return -ENOMEM;
+		x->adm = a;
+		x->adm[x->nsteps - 1] = nadm;
+	}
+	return prc;
+}
+
+/* serve64: fill up to 64 running (not recorded), then serve_steps recorded
+ * steps; the requests still running end at the close. */
+static int serve_run(struct run *x, const char *what)
+{
+	struct req *run[64];
+	uint32_t nrun = 0, next = 0;
+	int rc = 0;
+	uint32_t total = x->serve_warm + x->serve_steps;
+	for (uint32_t k = 0; k < total && !rc; k++) {
+		rc = serve_step(x, run, &nrun, &next, k >= x->serve_warm);
+		if (!rc && k + 1 == x->serve_warm)
+			kvrt_worker_flush(x->w); /* the fill-up's saves land first */
+		if (!rc && next == x->nr) {
+			kvrt_perf_note(x->p, "e2e: %s: ran out of requests after %u steps", what, k + 1);
+			break;
+		}
+		kvrt_perf_progress(x->p, what, k + 1, total);
+	}
+	for (uint32_t i = 0; i < nrun; i++) {
+		bool delay = false;
+		kvrt_sched_finished(x->s, run[i]->id, (uint32_t)strlen(run[i]->id), &delay);
+	}
+	return rc;
 }
 
 /* decode64: prefill the 64 requests in one step (not recorded), let their
@@ -589,8 +736,13 @@ static int decode_run(struct run *x, const char *what)
 	/* the prefill, not recorded; the requests go on */
 	int rc = step_ex(x, b, x->nr, false, true);
 	kvrt_worker_flush(x->w);
+	uint32_t nrun = x->nr, next = x->nr; /* nothing more to admit */
+	for (uint32_t i = 0; i < x->nr; i++) {
+		b[i]->prompt = 256;
+		b[i]->out = x->decode_steps + 1; /* none ends in the recorded steps */
+	}
 	for (uint32_t k = 0; k < x->decode_steps && !rc; k++) {
-		rc = decode_step(x, b, x->nr);
+		rc = serve_step(x, b, &nrun, &next, true);
 		kvrt_perf_progress(x->p, what, k + 1, x->decode_steps);
 	}
 	for (uint32_t i = 0; i < x->nr; i++) {
@@ -695,6 +847,7 @@ static void run_free(struct run *x)
 	free(x->lw);
 	free(x->model);
 	free(x->lc);
+	free(x->adm);
 	free(x->wave_prompt);
 	free(x->wave_hit);
 }
@@ -736,7 +889,7 @@ static int one(struct kvrt_perf *p, const struct preset *ps, const char *wl, con
 	 * its background copies must overlap the modeled attention, as they do
 	 * on a GPU; attn=0 turns that off, attn=model turns it on everywhere. */
 	x->attn = attn_opt ? !strcmp(attn_opt, "model") && strcmp(wl, "batch64") && strcmp(wl, "decode64")
-			   : !strcmp(wl, "noreuse");
+			   : !strcmp(wl, "noreuse") || !strcmp(wl, "serve64");
 	x->rate = ps->rate * ps->layers / x->layers;
 	x->layerwise = layerwise;
 	x->rng = 0x9e3779b97f4a7c15ull ^ (uint64_t)(ps - presets) * 0x1234567ull;
@@ -778,6 +931,8 @@ static int one(struct kvrt_perf *p, const struct preset *ps, const char *wl, con
 	}
 	if (!rc && x->decode_steps)
 		rc = decode_run(x, what);
+	else if (!rc && x->serve_steps)
+		rc = serve_run(x, what);
 	else if (!rc)
 		rc = replay(x, what, strcmp(wl, "batch64") && strcmp(wl, "noreuse") ? 256 : 64);
 	if (rc)
@@ -820,6 +975,31 @@ static int one(struct kvrt_perf *p, const struct preset *ps, const char *wl, con
 		fig(p, pre, "sched CPU/step p50", pct(x->sc, n, 50) * 1e6, "us", NULL, 0, 0, KVRT_PERF_LOWER);
 		fig(p, pre, "forward CPU/step p50", pct(x->fc, n, 50) * 1e6, "us", NULL, 0, 0, KVRT_PERF_LOWER);
 		fig(p, pre, "forward wall/step p99", pct(x->fw, n, 99) * 1e6, "us", NULL, 0, 0, KVRT_PERF_LOWER);
+		goto out;
+	}
+	if (x->serve_steps) {
+		double *tot = malloc((n ? n : 1) * sizeof(double));
+		if (tot) {
+			double mean = 0;
+			for (uint32_t i = 0; i < n; i++) {
+				tot[i] = (x->sc[i] + x->fc[i]) * 1e6;
+				mean += tot[i] / (n ? n : 1);
+			}
+			fig(p, pre, "caller CPU/step mean, 64 running, continuous batching", mean, "us",
+			    "issue target", 20, 1.0, KVRT_PERF_LOWER);
+			fig(p, pre, "caller CPU/step p50, 64 running, continuous batching", pct(tot, n, 50), "us",
+			    "issue target", 20, 0, KVRT_PERF_LOWER);
+			fig(p, pre, "caller CPU/step p99, 64 running, continuous batching", pct(tot, n, 99), "us",
+			    "issue target", 20, 0, KVRT_PERF_LOWER);
+			free(tot);
+		}
+		fig(p, pre, "requests admitted per step (mean)", n ? sum(x->adm, n) / n : 0, "", NULL, 0, 0,
+		    KVRT_PERF_HIGHER);
+		fig(p, pre, "of which lookups, CPU/step p99", pct(x->lc, n, 99) * 1e6, "us", NULL, 0, 0,
+		    KVRT_PERF_LOWER);
+		double mean_step = n ? sum(x->model, n) / n : 0;
+		fig(p, pre, "connector wall/step (mean)", n ? x->conn_wall_total / n * 1e3 : 0, "ms",
+		    "modeled step time", mean_step * 1e3, x->attn ? 0.01 : 0, KVRT_PERF_LOWER);
 		goto out;
 	}
 	if (strcmp(wl, "batch64")) {
@@ -906,7 +1086,7 @@ static int run(struct kvrt_perf *p)
 	const char *attn = kvrt_perf_opt(p, "attn", NULL);
 	bool lwise = !strcmp(kvrt_perf_opt(p, "layerwise", "0"), "1");
 	const char *trace = kvrt_perf_opt(p, "trace", NULL);
-	static const char *const wls[] = {"mrqa", "ldqa", "noreuse", "batch64", "decode64"};
+	static const char *const wls[] = {"mrqa", "ldqa", "noreuse", "batch64", "decode64", "serve64"};
 	int rc = 0, first = 0;
 	if (trace && (rc = kvrt_trace_start(trace))) {
 		kvrt_perf_note(p, "e2e: trace %s could not start (%d)", trace, rc);
@@ -932,7 +1112,7 @@ static int run(struct kvrt_perf *p)
 		       "chunk %d, host backend, %s, attention %s; worker flushed between rounds (stands in for "
 		       "decode)%s",
 		       BUDGET, BLOCK, CHUNK, lwise ? "layerwise" : "all-at-once",
-		       !attn ? "slept per layer from the model in noreuse, 0 elsewhere (pure connector cost; load wait = whole load)"
+		       !attn ? "slept per layer from the model in noreuse and serve64, 0 elsewhere (pure connector cost; load wait = whole load)"
 		       : !strcmp(attn, "model") ? "slept per layer from the model" : "0 (pure connector cost; load wait = whole load)",
 		       kvrt_perf_quick(p) ? "; --quick: layers / 8 and the modeled rate x 8 (per-token compute scales with layers), fewer users/docs/rounds" : "");
 	if (trace) {
