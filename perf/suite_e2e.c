@@ -648,6 +648,10 @@ static int serve_step(struct run *x, struct req **run, uint32_t *nrun, uint32_t 
 			q->len++;
 			q->out--;
 			new_tokens++;
+			/* As the shim: a request whose prompt was all computed
+			 * before this step saves nothing more (save_decode_cache
+			 * is off), so it is not asked about. */
+			continue;
 		}
 		uint32_t idl = (uint32_t)strlen(q->id);
 		uint32_t need = kvrt_sched_save_need(x->s, q->id, idl, q->len, q->prompt);
