@@ -814,6 +814,14 @@ static void handle(struct kvrt_actor *a, struct kvrt_msg *m)
 		break;
 	case KVRT_EVICT_SYNC:
 		break;
+	case KVRT_EVICT_ROOM: {
+		struct kvrt_pool_stats st;
+		kvrt_pool_stats(ev->pool, &st);
+		if (st.free + st.ring < m->arg32)
+			evict_pass(ev, m->arg32 - st.free - st.ring);
+		kvrt_pool_refill(ev->pool, 0);
+		break;
+	}
 	case KVRT_EVICT_CLEAR: {
 		uint64_t d = 0, k = 0;
 		status = on_clear(ev, &d, &k);
@@ -910,6 +918,7 @@ static const char *msg_name(uint32_t type)
 	case KVRT_EVICT_RUN: return "run";
 	case KVRT_EVICT_SYNC: return "sync";
 	case KVRT_EVICT_CLEAR: return "clear";
+	case KVRT_EVICT_ROOM: return "room";
 	case _MSG_REINDEX: return "reindex";
 	case _MSG_DETACH: return "detach";
 	case _MSG_ATTACH_REMOTE: return "attach_remote";
@@ -1168,6 +1177,12 @@ bool kvrt_evict_has_remote(const struct kvrt_evict *ev)
 int kvrt_evict_run(struct kvrt_evict *ev)
 {
 	struct kvrt_msg m = {.type = KVRT_EVICT_RUN};
+	return call(ev, &m);
+}
+
+int kvrt_evict_make_room(struct kvrt_evict *ev, uint32_t n)
+{
+	struct kvrt_msg m = {.type = KVRT_EVICT_ROOM, .arg32 = n};
 	return call(ev, &m);
 }
 

@@ -125,6 +125,7 @@ enum kvrt_evict_msg {
 	KVRT_EVICT_SYNC,        /* reply once everything posted before is handled */
 	KVRT_EVICT_REMOTE_FIND, /* EXISTS a key list in Redis; index what it holds */
 	KVRT_EVICT_CLEAR,       /* retire every entry not pinned nor in flight */
+	KVRT_EVICT_ROOM,        /* free n slabs (evicting) into the ring; reply */
 	KVRT_EVICT_DISK_BASE = 64, /* + enum kvrt_disk_event (disk completions) */
 	KVRT_EVICT_REMOTE_BASE = 80, /* + enum kvrt_remote_event (remote completions) */
 };
@@ -176,6 +177,13 @@ int kvrt_evict_clear(struct kvrt_evict *ev, uint64_t *dropped, uint64_t *kept);
 bool kvrt_evict_has_remote(const struct kvrt_evict *ev);
 /* Run an eviction pass and wait for it (tests, after releasing pins). */
 int kvrt_evict_run(struct kvrt_evict *ev);
+/* A producer found the pool's hand-off ring empty: have n slabs free,
+ * evicting the policy's victims when the free list holds fewer (below the
+ * watermarks if need be: new chunks push old ones out), and refill the
+ * ring; returns once done. The save actor calls it, off the forward's
+ * path. 0 or the call's error (-ETIMEDOUT, -ESHUTDOWN). Any thread but
+ * the actor's own. */
+int kvrt_evict_make_room(struct kvrt_evict *ev, uint32_t n);
 /* Wait until everything posted before (by this thread) is handled. */
 int kvrt_evict_sync(struct kvrt_evict *ev);
 /* Counters (any thread, racy snapshot). */

@@ -9,8 +9,9 @@
  * wakes the actor for both, so a step costs the forward one wake-up) picks
  * the chunks to save (engine.h: full chunks completed this step, the
  * prompt's tail, decode chunks by config), skips those already cached,
- * takes a slab for each (none free: the rest of that request is skipped and
- * counted; the step never waits for eviction), uploads the plan and
+ * takes a slab for each (the hand-off ring dry: the evict actor is asked
+ * to free what the step wants, evicting if it must; still none: the rest
+ * of that request is skipped and counted), uploads the plan and
  * publishes save_taken (the next bind waits for that before it rewrites
  * e->step). Layerwise, SAVE_LAYER(l) (posted by save_layer after recording
  * the compute stream's progress in save_cev[l]; posted quietly: it does
@@ -78,6 +79,9 @@ struct kvrt_save {
 	size_t slots_cap;
 	uint32_t *stash;                  /* slabs taken, unused */
 	uint32_t nstash, stash_cap;
+	uint32_t want;                    /* chunks the current step may still take */
+	uint32_t takes;                   /* slabs it took from the ring */
+	uint32_t asked_at;                /* takes when it last asked for room */
 };
 
 static bool take(struct kvrt_save *s, uint32_t *slab)
@@ -86,7 +90,23 @@ static bool take(struct kvrt_save *s, uint32_t *slab)
 		*slab = s->stash[--s->nstash];
 		return true;
 	}
-	return kvrt_pool_take(s->e->pool, slab);
+	if (kvrt_pool_take(s->e->pool, slab)) {
+		s->takes++;
+		return true;
+	}
+	/* The ring ran dry (it holds at most half the pool, refilled as
+	 * chunks are admitted): the evict actor frees what the rest of the
+	 * step wants, evicting if it must, and refills it. This waits on the
+	 * save actor, not on the forward (the next bind waits only if the
+	 * actor is still here two steps on). Asked again only after the last
+	 * answer helped: pins and reads can hold the whole pool. */
+	if (s->asked_at == s->takes)
+		return false;
+	s->asked_at = s->takes;
+	if (kvrt_evict_make_room(s->e->ev, s->want) || !kvrt_pool_take(s->e->pool, slab))
+		return false;
+	s->takes++;
+	return true;
 }
 
 static void stash(struct kvrt_save *s, uint32_t slab)
@@ -132,11 +152,12 @@ static void plan_req(struct kvrt_save *s, const struct _kvrt_step *st, const str
 	    kvrt_grow((void **)&s->ch, &s->cap, s->n + (nkeys - q->save_first), sizeof(*s->ch)) ||
 	    kvrt_grow((void **)&s->slots, &s->slots_cap, cs, sizeof(*s->slots))) {
 		_KVRT_STAT_ADD(e, st_save_abandoned, nkeys - q->save_first);
+		s->want -= nkeys - q->save_first;
 		return;
 	}
 	_kvrt_keys(q->ns_hash, st->tokens + q->tok_off, cs, q->save_full_end, q->save_tail, s->keys);
 	const int32_t *blk = st->blocks + q->blk_off;
-	for (uint32_t i = q->save_first; i < nkeys; i++) {
+	for (uint32_t i = q->save_first; i < nkeys; i++, s->want--) {
 		struct kvrt_chunk_key key = s->keys[i];
 		uint32_t n = i < q->save_full_end ? cs : q->save_tail;
 		if (kvrt_index_lookup(s->r, &key, 1, 0, 0, NULL) || in_step(s, key)) {
@@ -148,6 +169,7 @@ static void plan_req(struct kvrt_save *s, const struct _kvrt_step *st, const str
 			/* Later chunks without this one are unreachable (lookups
 			 * stop at the first missing chunk): skip them too. */
 			_KVRT_STAT_ADD(e, st_save_skipped_pool, nkeys - i);
+			s->want -= nkeys - i;
 			return;
 		}
 		void *dptr;
@@ -157,6 +179,7 @@ static void plan_req(struct kvrt_save *s, const struct _kvrt_step *st, const str
 		if (!ok || kvrt_device_plan_add(s->plan[s->k], dptr, n, 0, n, s->slots)) {
 			stash(s, slab);
 			_KVRT_STAT_ADD(e, st_save_abandoned, nkeys - i);
+			s->want -= nkeys - i;
 			return;
 		}
 		s->ch[s->n++] = (struct _schunk){.key = key, .slab = slab, .n = n};
@@ -176,10 +199,15 @@ static void on_begin(struct kvrt_save *s, uint32_t gen)
 	s->failed = false;
 	s->active = true;
 	uint32_t rows = 0;
+	s->want = 0;
+	s->takes = 0;
+	s->asked_at = UINT32_MAX;
 	for (uint32_t i = 0; i < st->nreq; i++) {
 		const struct _kvrt_sreq *q = &st->reqs[i];
-		if (q->save)
+		if (q->save) {
 			rows += (q->save_full_end - q->save_first) * e->cs + q->save_tail;
+			s->want += q->save_full_end + (q->save_tail != 0) - q->save_first;
+		}
 	}
 	/* The gathers that last read plan k (two steps ago) must be done. */
 	kvrt_event_wait(s->plan_ev[s->k], UINT64_MAX);

@@ -866,6 +866,70 @@ Test(pipeline, all_at_once_saves_behind_the_forward)
 	prig_down(&g);
 }
 
+/* The pool hands the save actor free slabs through a ring that holds at
+ * most half of them. A step that saves more chunks than the ring holds
+ * asks the evict actor for room instead of dropping them; when the pool is
+ * full the oldest unpinned chunks make way; when pins hold the pool the
+ * rest is skipped, counted, and the step does not hang. */
+Test(pipeline, saves_beyond_the_ring_and_a_full_pool)
+{
+	struct kt_spec s = small_spec();
+	struct kvrt_engine_config cfg = base_cfg(16);
+	cfg.cpu_bytes = 24 * 8192; /* 16 tokens x 384 bytes -> 8 KiB slabs: 24 */
+	struct prig g;
+	prig_up(&g, &s, cfg, 25);
+	struct kvrt_pool_stats ps;
+	kvrt_pool_stats(g.e->pool, &ps);
+	cr_assert_eq(ps.slabs, 24);
+	struct preq r[12];
+	struct preq *rr[12];
+	for (uint32_t i = 0; i < 12; i++) {
+		preq_make(&g, &r[i], 300 + i, 64, NULL, 0); /* 4 chunks each */
+		rr[i] = &r[i];
+	}
+	/* 1. 16 chunks in one step, 7 slabs in the ring: all saved. */
+	prig_save(&g, rr, 4);
+	struct kvrt_engine_stats st;
+	kvrt_engine_stats(g.e, &st);
+	cr_assert_eq(st.save_skipped_pool, 0, "%llu chunks dropped", (unsigned long long)st.save_skipped_pool);
+	cr_assert_eq(st.save_chunks, 16);
+	uint32_t hit[4], from[4] = {0};
+	lookup_all(&g, rr, 4, hit);
+	for (uint32_t i = 0; i < 4; i++)
+		cr_assert_eq(hit[i], 64);
+	load_and_check(&g, rr, 4, hit, from, hit);
+	for (uint32_t i = 0; i < 4; i++)
+		kvrt_engine_release(g.e, r[i].id);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	/* 2. 16 more with 8 slabs free: the first ones make way. */
+	prig_save(&g, rr + 4, 4);
+	kvrt_engine_stats(g.e, &st);
+	cr_assert_eq(st.save_skipped_pool, 0);
+	cr_assert_eq(st.save_chunks, 32);
+	cr_assert_geq(st.evict.evicted, 8);
+	lookup_all(&g, rr + 4, 4, hit); /* pins all 16 of them */
+	for (uint32_t i = 0; i < 4; i++)
+		cr_assert_eq(hit[i], 64, "a new chunk was evicted");
+	/* 3. Pins hold 16 of 24 slabs: of 16 more, at most 8 fit. */
+	uint64_t t0 = kvrt_now_ns();
+	prig_save(&g, rr + 8, 4);
+	cr_assert_lt(kvrt_now_ns() - t0, 5000000000ull, "the save waited for the pinned pool");
+	kvrt_engine_stats(g.e, &st);
+	cr_assert_geq(st.save_skipped_pool, 8, "%llu skipped", (unsigned long long)st.save_skipped_pool);
+	cr_assert_eq(st.save_chunks + st.save_skipped_pool, 48);
+	uint32_t hit2[4];
+	lookup_all(&g, rr + 4, 4, hit2);
+	for (uint32_t i = 0; i < 4; i++)
+		cr_assert_eq(hit2[i], 64, "a pinned chunk was evicted");
+	for (uint32_t i = 4; i < 12; i++)
+		kvrt_engine_release(g.e, r[i].id);
+	cr_assert_eq(kvrt_engine_flush(g.e), 0);
+	cr_assert_eq(kvrt_index_pinned(kvrt_engine_index(g.e)), 0, "pins leaked");
+	for (uint32_t i = 0; i < 12; i++)
+		preq_fini(&g, &r[i]);
+	prig_down(&g);
+}
+
 /* Every step saves a request and reports the one before (delay_free): the
  * last-save map must not fill with deleted slots (a miss would walk them
  * all: bind and get_finished look up every request, every step). */
