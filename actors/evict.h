@@ -27,8 +27,9 @@
  * without one (or when the disk refuses) the entry is retired. It runs after
  * every admit, on a timer (tick_ns) and on request; it never waits.
  *
- * Back-pressure: a producer that finds the ring empty skips its save
- * (kvrt_pool_take false); admit is a try-post and fails with -EAGAIN when
+ * Back-pressure: a producer that finds the ring empty asks for room
+ * (kvrt_evict_make_room: the save actor does, off the forward's path) and
+ * skips its save when there is still none (pins hold the pool); admit is a try-post and fails with -EAGAIN when
  * the mailbox is full (the caller then returns the slab with
  * kvrt_evict_return_slab later, or keeps it for the next chunk). A promote
  * with no free slab after an eviction pass fails with -ENOBUFS.

@@ -18,8 +18,9 @@
  *   kvrt_pool_refill. The free list has no lock: only the owner touches it.
  * - Producers (the save actor, any number of threads): kvrt_pool_take pops a
  *   free slab from the hand-off ring (ck_ring SPMC: the owner is the single
- *   producer). An empty ring is back-pressure: take returns false at once,
- *   the caller skips (and counts) its save. Slabs taken and not used go back
+ *   producer). An empty ring: take returns false at once; the save
+ *   actor then asks the owner for room (actors/evict.h) and skips (and
+ *   counts) its save when there is still none. Slabs taken and not used go back
  *   to the owner by message (the owner calls kvrt_pool_free).
  * - kvrt_pool_addr, kvrt_pool_slab_bytes, kvrt_pool_stats: any thread.
  * Create and destroy: any one thread, nothing else running.
