@@ -106,6 +106,10 @@ struct kvrt_engine_config {
 				      * for the lookup, load, save and evict actors
 				      * (save keeps at least 4 x (layers + 8));
 				      * 0 = each actor's default (1024, 64, 64, 4096) */
+	uint32_t room_wait_us;       /* how long a step's save waits for the evict
+				      * actor to free slabs when the hand-off ring
+				      * is dry (the next bind may wait behind it);
+				      * 0 = 5000 */
 	/* Test instrumentation: called on a backend thread when layer l of a
 	 * step's loads has been scattered (the stream reached that point).
 	 * NULL: none (the default; costs nothing). */

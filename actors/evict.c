@@ -1180,10 +1180,11 @@ int kvrt_evict_run(struct kvrt_evict *ev)
 	return call(ev, &m);
 }
 
-int kvrt_evict_make_room(struct kvrt_evict *ev, uint32_t n)
+int kvrt_evict_ask_room(struct kvrt_evict *ev, uint32_t n, struct kvrt_completion *c)
 {
-	struct kvrt_msg m = {.type = KVRT_EVICT_ROOM, .arg32 = n};
-	return call(ev, &m);
+	kvrt_completion_init(c);
+	struct kvrt_msg m = {.type = KVRT_EVICT_ROOM, .arg32 = n, .reply = c};
+	return kvrt_actor_post(ev->actor, &m, 1000000ull);
 }
 
 int kvrt_evict_sync(struct kvrt_evict *ev)

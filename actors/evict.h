@@ -178,13 +178,15 @@ int kvrt_evict_clear(struct kvrt_evict *ev, uint64_t *dropped, uint64_t *kept);
 bool kvrt_evict_has_remote(const struct kvrt_evict *ev);
 /* Run an eviction pass and wait for it (tests, after releasing pins). */
 int kvrt_evict_run(struct kvrt_evict *ev);
-/* A producer found the pool's hand-off ring empty: have n slabs free,
+/* A producer found the pool's hand-off ring empty: ask for n slabs free,
  * evicting the policy's victims when the free list holds fewer (below the
- * watermarks if need be: new chunks push old ones out), and refill the
- * ring; returns once done. The save actor calls it, off the forward's
- * path. 0 or the call's error (-ETIMEDOUT, -ESHUTDOWN). Any thread but
- * the actor's own. */
-int kvrt_evict_make_room(struct kvrt_evict *ev, uint32_t n);
+ * watermarks if need be: new chunks push old ones out), and the ring
+ * refilled. Does not wait: c (initialized here) is signalled when done;
+ * the caller may wait on it as long as it likes but must not reuse or free
+ * it before kvrt_completion_done(c). The save actor asks, off the
+ * forward's path. 0 or the post's error (-ETIMEDOUT, -ESHUTDOWN; then c is
+ * never signalled). Any thread but the actor's own. */
+int kvrt_evict_ask_room(struct kvrt_evict *ev, uint32_t n, struct kvrt_completion *c);
 /* Wait until everything posted before (by this thread) is handled. */
 int kvrt_evict_sync(struct kvrt_evict *ev);
 /* Counters (any thread, racy snapshot). */

@@ -82,7 +82,10 @@ struct kvrt_save {
 	uint32_t want;                    /* chunks the current step may still take */
 	uint32_t takes;                   /* slabs it took from the ring */
 	uint32_t asked_at;                /* takes when it last asked for room */
+	struct kvrt_completion room;      /* the evict actor's answer */
+	bool room_pending;                /* asked, answer not seen yet */
 };
+
 
 static bool take(struct kvrt_save *s, uint32_t *slab)
 {
@@ -102,8 +105,19 @@ static bool take(struct kvrt_save *s, uint32_t *slab)
 	 * answer helped: pins and reads can hold the whole pool. */
 	if (s->asked_at == s->takes)
 		return false;
+	if (s->room_pending && !kvrt_completion_done(&s->room))
+		return false; /* an earlier answer is late: the evict actor is busy */
 	s->asked_at = s->takes;
-	if (kvrt_evict_make_room(s->e->ev, s->want) || !kvrt_pool_take(s->e->pool, slab))
+	if (kvrt_evict_ask_room(s->e->ev, s->want, &s->room))
+		return false;
+	s->room_pending = true;
+	/* Bounded (room_wait_us): a busy evict actor must not hold the save
+	 * actor, which the next bind may wait for. */
+	uint64_t wait = s->e->cfg.room_wait_us ? s->e->cfg.room_wait_us : 5000;
+	if (kvrt_completion_wait(&s->room, wait * 1000))
+		return false; /* late: seen done at the next ask or at stop */
+	s->room_pending = false;
+	if (!kvrt_pool_take(s->e->pool, slab))
 		return false;
 	s->takes++;
 	return true;
@@ -328,6 +342,10 @@ static int start(struct kvrt_actor *a)
 static void stop(struct kvrt_actor *a)
 {
 	struct kvrt_save *s = kvrt_actor_data(a);
+	/* A late answer still writes s->room: the evict actor stops after us
+	 * and answers everything it accepted. */
+	if (s->room_pending)
+		kvrt_completion_wait(&s->room, UINT64_MAX);
 	/* Hand the stash back to the evict actor, five at a time. */
 	while (s->nstash) {
 		uint32_t n = s->nstash < 5 ? s->nstash : 5;
