@@ -273,7 +273,9 @@ int kvrt_engine_register(struct kvrt_engine *e, const struct kvrt_kv_tensor *t, 
 					       .remote_timeout_ms = e->cfg.remote_timeout_ms,
 					       .remote_ttl_s = e->cfg.remote_ttl_s,
 					       .remote_max_pending_writes = e->cfg.remote_max_pending_writes,
-					       .mailbox_size = e->cfg.mailbox_size});
+					       .mailbox_size = e->cfg.mailbox_size,
+					       .on_room = e->cfg.on_room,
+					       .hook_ctx = e->cfg.hook_ctx});
 	if (rc)
 		goto err_pool;
 	if (kvrt_evict_has_remote(e->ev)) {

@@ -114,7 +114,9 @@ struct kvrt_engine_config {
 	 * step's loads has been scattered (the stream reached that point).
 	 * NULL: none (the default; costs nothing). */
 	void (*on_layer_loaded)(void *ctx, uint32_t layer);
-	void *hook_ctx;              /* first argument of on_layer_loaded */
+	/* ... and on the evict actor before it serves a room request. */
+	void (*on_room)(void *ctx);
+	void *hook_ctx;              /* first argument of both */
 };
 
 /* What a lookup found. tokens_now <= tokens. */

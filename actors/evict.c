@@ -815,6 +815,8 @@ static void handle(struct kvrt_actor *a, struct kvrt_msg *m)
 	case KVRT_EVICT_SYNC:
 		break;
 	case KVRT_EVICT_ROOM: {
+		if (ev->cfg.on_room)
+			ev->cfg.on_room(ev->cfg.hook_ctx);
 		struct kvrt_pool_stats st;
 		kvrt_pool_stats(ev->pool, &st);
 		if (st.free + st.ring < m->arg32)

@@ -83,6 +83,10 @@ struct kvrt_evict_config {
 	uint32_t remote_timeout_ms;    /* per-request deadline; 0 = 1000 */
 	uint32_t remote_ttl_s;         /* expiry of written values; 0 = none */
 	uint32_t remote_max_pending_writes; /* write-behind queue bound; 0 = 16 */
+	/* Test instrumentation: called on the actor's thread before a room
+	 * request is served (a test makes the actor slow). NULL: none. */
+	void (*on_room)(void *ctx);
+	void *hook_ctx;
 };
 
 struct kvrt_evict_stats {
