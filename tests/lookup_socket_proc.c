@@ -41,6 +41,19 @@ static struct kvrt_options opts(const char *inst)
 				     .block_size = BS, .keys = K, .values = V, .num_keys = 3};
 }
 
+/* A scheduler handle of instance inst (NULL: the reason on stderr). */
+static struct kvrt_sched *sched_up(const char *inst)
+{
+	char err[256];
+	struct kvrt_options o = opts(inst);
+	struct kvrt_sched *s;
+	if (kvrt_sched_create(&s, &o, err, sizeof err)) {
+		fprintf(stderr, "%s\n", err);
+		return NULL;
+	}
+	return s;
+}
+
 static void prompt(uint32_t *tok)
 {
 	for (uint32_t i = 0; i < T; i++)
@@ -158,13 +171,9 @@ static int serve(const char *inst, const char *ready, const char *pins)
 
 static int preempt(const char *inst, const char *pins)
 {
-	char err[256];
-	struct kvrt_options o = opts(inst);
-	struct kvrt_sched *s;
-	if (kvrt_sched_create(&s, &o, err, sizeof err)) {
-		fprintf(stderr, "%s\n", err);
+	struct kvrt_sched *s = sched_up(inst);
+	if (!s)
 		return 1;
-	}
 	uint32_t tok[T];
 	prompt(tok);
 	struct kvrt_request b = req("B", tok);
@@ -187,13 +196,9 @@ static int preempt(const char *inst, const char *pins)
 
 static int lookup(const char *inst, uint32_t expect, uint32_t max_ms)
 {
-	char err[256];
-	struct kvrt_options o = opts(inst);
-	struct kvrt_sched *s;
-	if (kvrt_sched_create(&s, &o, err, sizeof err)) {
-		fprintf(stderr, "%s\n", err);
+	struct kvrt_sched *s = sched_up(inst);
+	if (!s)
 		return 1;
-	}
 	CHECK(!kvrt_sched_sees_worker(s));
 	uint32_t tok[T];
 	prompt(tok);

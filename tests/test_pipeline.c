@@ -562,9 +562,7 @@ Test(pipeline, saves_overlap_later_steps_and_preemption_orders_them)
 	struct gate gt = {0};
 	cr_assert_eq(kvrt_stream_host_fn(g.e->sstream, gate_fn, &gt), 0);
 	/* The step that saves a: wait_save returns with its copies queued. */
-	struct kvrt_plan_req pr = preq_plan(&g, &a);
-	pr.save_start = 0;
-	pr.save_end = a.T;
+	struct kvrt_plan_req pr = preq_save_plan(&g, &a);
 	uint64_t t0 = kvrt_now_ns();
 	prig_step(&g, &pr, 1, NULL, NULL);
 	cr_assert(!atomic_load(&gt.open));
@@ -775,9 +773,7 @@ Test(pipeline, preemption_barrier_after_bind_keeps_the_step)
 	struct preq a;
 	preq_make(&g, &a, 92, 48, NULL, 0);
 	preq_snapshot(&g, &a);
-	struct kvrt_plan_req pr = preq_plan(&g, &a);
-	pr.save_start = 0;
-	pr.save_end = a.T;
+	struct kvrt_plan_req pr = preq_save_plan(&g, &a);
 	cr_assert_eq(kvrt_engine_bind_step(g.e, &(struct kvrt_step_plan){&pr, 1, false}), 0);
 	cr_assert_eq(kvrt_engine_save_barrier(g.e), 0);
 	cr_assert_eq(kvrt_engine_step_work(g.e), KVRT_STEP_SAVES | KVRT_STEP_SAVE_LAYERS,
@@ -831,9 +827,7 @@ Test(pipeline, all_at_once_saves_behind_the_forward)
 	cr_assert_eq(kvrt_stream_create(g.e->dev, "forward", &g.e->compute), 0);
 	struct preq a;
 	preq_make(&g, &a, 93, 56, NULL, 0);
-	struct kvrt_plan_req pr = preq_plan(&g, &a);
-	pr.save_start = 0;
-	pr.save_end = a.T;
+	struct kvrt_plan_req pr = preq_save_plan(&g, &a);
 	cr_assert_eq(kvrt_engine_bind_step(g.e, &(struct kvrt_step_plan){&pr, 1, false}), 0);
 	cr_assert_eq(kvrt_engine_step_work(g.e), KVRT_STEP_SAVES, "no per-layer save calls wanted");
 	cr_assert_eq(kvrt_engine_start_load(g.e), 0);
@@ -957,9 +951,7 @@ Test(pipeline, a_slow_evict_actor_does_not_hold_the_step)
 	struct kvrt_plan_req pr[8];
 	for (uint32_t i = 0; i < 8; i++) {
 		preq_make(&g, &r[i], 400 + i, 64, NULL, 0); /* 4 chunks each */
-		pr[i] = preq_plan(&g, &r[i]);
-		pr[i].save_start = 0;
-		pr[i].save_end = r[i].T;
+		pr[i] = preq_save_plan(&g, &r[i]);
 	}
 	/* 16 chunks, 7 in the ring: the rest waits on the slow answer */
 	uint64_t t0 = kvrt_now_ns();
@@ -982,9 +974,7 @@ Test(pipeline, a_slow_evict_actor_does_not_hold_the_step)
 	 * free when it comes) */
 	struct preq x;
 	preq_make(&g, &x, 499, 128, NULL, 0); /* 8 chunks */
-	struct kvrt_plan_req px = preq_plan(&g, &x);
-	px.save_start = 0;
-	px.save_end = x.T;
+	struct kvrt_plan_req px = preq_save_plan(&g, &x);
 	prig_step(&g, &px, 1, NULL, NULL);
 	for (uint32_t i = 0; i < 8; i++)
 		preq_fini(&g, &r[i]);
@@ -1007,9 +997,7 @@ Test(pipeline, last_save_map_stays_sparse)
 	for (uint32_t i = 0; i < steps; i++) {
 		struct preq a;
 		preq_make(&g, &a, 1000 + i, 16, NULL, 0);
-		struct kvrt_plan_req pr = preq_plan(&g, &a);
-		pr.save_start = 0;
-		pr.save_end = a.T;
+		struct kvrt_plan_req pr = preq_save_plan(&g, &a);
 		prig_step(&g, &pr, 1, NULL, NULL);
 		uint64_t prev = 1000 + i - 1;
 		cr_assert_eq(kvrt_engine_get_finished(g.e, i ? &prev : NULL, i ? 1 : 0, &fin), 0);

@@ -215,6 +215,15 @@ static inline struct kvrt_plan_req preq_plan(const struct prig *g, const struct 
 				      .num_blocks = r->nblk};
 }
 
+/* A plan request that saves all of r (its prompt is all its tokens). */
+static inline struct kvrt_plan_req preq_save_plan(const struct prig *g, const struct preq *r)
+{
+	struct kvrt_plan_req pr = preq_plan(g, r);
+	pr.save_start = 0;
+	pr.save_end = r->T;
+	return pr;
+}
+
 /* Run one step of plan: bind, start_load, per layer wait (+ busy compute,
  * + hook) and save, wait_save. */
 static inline void prig_step(struct prig *g, const struct kvrt_plan_req *reqs, uint32_t n,
@@ -239,9 +248,7 @@ static inline void prig_save(struct prig *g, struct preq **reqs, uint32_t n)
 	struct kvrt_plan_req *pr = calloc(n, sizeof(*pr));
 	for (uint32_t i = 0; i < n; i++) {
 		preq_snapshot(g, reqs[i]);
-		pr[i] = preq_plan(g, reqs[i]);
-		pr[i].save_start = 0;
-		pr[i].save_end = reqs[i]->T;
+		pr[i] = preq_save_plan(g, reqs[i]);
 	}
 	prig_step(g, pr, n, NULL, NULL);
 	cr_assert_eq(kvrt_engine_flush(g->e), 0);

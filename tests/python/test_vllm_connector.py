@@ -224,6 +224,19 @@ def save_then_demote(eng, P):
     eng.wc.flush()
 
 
+def step_until_scheduled(eng, tries=400, pause=0.001):
+    """Step until vLLM schedules something (a request waited for kvrt):
+    the last step's scheduler output and scheduled tokens."""
+    import time
+    so, sched = None, {}
+    for _ in range(tries):
+        so, sched = eng.step()
+        if sched:
+            break
+        time.sleep(pause)
+    return so, sched
+
+
 def test_async_load_from_disk(model_dir):
     d = tempfile.mkdtemp(prefix="kvrt-disk-")
     eng = disk_engine(model_dir, d, enable_async_loading="true")
@@ -235,10 +248,7 @@ def test_async_load_from_disk(model_dir):
         assert sched == {}
         assert eng.sched.requests["B"].status.name == "WAITING_FOR_REMOTE_KVS"
         assert eng.wc.stats()["prefetches"] > 0  # A's chunks came from disk
-        for _ in range(200):
-            so, sched = eng.step()
-            if sched:
-                break
+        so, sched = step_until_scheduled(eng, tries=200, pause=0)
         assert sched == {"B": 8}
         assert H.verify_loaded(eng, "B", 32)
         eng.run()
@@ -255,7 +265,6 @@ def test_sync_load_from_disk(model_dir, wait_ms):
     tier while vLLM asks again (None: the request waits, nothing blocks),
     then loaded in the step; prefetch_wait_ms 0 schedules it at once with
     only what the CPU tier holds (nothing here)."""
-    import time
     d = tempfile.mkdtemp(prefix="kvrt-disk-")
     eng = disk_engine(model_dir, d, prefetch_wait_ms=wait_ms)
     seen = spy_lookups(eng)
@@ -271,11 +280,7 @@ def test_sync_load_from_disk(model_dir, wait_ms):
             assert sched == {}
             assert seen[k][2] == (None, False), seen[k:]
             assert eng.sched.requests["B"].status.name == "WAITING"
-            for _ in range(400):
-                so, sched = eng.step()
-                if sched:
-                    break
-                time.sleep(0.001)
+            so, sched = step_until_scheduled(eng)
             assert sched == {"B": 8}, (sched, seen[k:])
             assert so.has_sync_kv_loads
             assert H.verify_loaded(eng, "B", 32)
@@ -482,12 +487,7 @@ def test_remote_hit_asks_again_instead_of_blocking(model_dir, redis_url):
     seen = spy_lookups(e2)
     try:
         e2.add("B", P)
-        sched = {}
-        for _ in range(400):
-            _, sched = e2.step()
-            if sched:
-                break
-            time.sleep(0.001)
+        _, sched = step_until_scheduled(e2)
         answers = [o for _, _, o in seen]
         assert answers[0] == (None, False), answers[:3]
         assert (32, True) in answers, answers
