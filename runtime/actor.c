@@ -360,22 +360,23 @@ static const struct kvrt_msg *traced(struct kvrt_actor *a, const struct kvrt_msg
 	return copy;
 }
 
-bool kvrt_actor_try_post(struct kvrt_actor *a, const struct kvrt_msg *m)
+static bool try_post(struct kvrt_actor *a, const struct kvrt_msg *m, bool wake)
 {
 	struct kvrt_msg copy;
-	if (post_once(a, traced(a, m, &copy), true) == 1)
+	if (post_once(a, traced(a, m, &copy), wake) == 1)
 		return true;
 	atomic_fetch_add_explicit(&a->rejected, 1, memory_order_relaxed);
 	return false;
 }
 
+bool kvrt_actor_try_post(struct kvrt_actor *a, const struct kvrt_msg *m)
+{
+	return try_post(a, m, true);
+}
+
 bool kvrt_actor_try_post_quiet(struct kvrt_actor *a, const struct kvrt_msg *m)
 {
-	struct kvrt_msg copy;
-	if (post_once(a, traced(a, m, &copy), false) == 1)
-		return true;
-	atomic_fetch_add_explicit(&a->rejected, 1, memory_order_relaxed);
-	return false;
+	return try_post(a, m, false);
 }
 
 static int post_wait(struct kvrt_actor *a, const struct kvrt_msg *m, uint64_t timeout_ns, bool wake)
