@@ -870,9 +870,13 @@ int kvrt_engine_wait_save(struct kvrt_engine *e)
 	 * compute stream (save_cev[0] serves as the forward's end). */
 	bool all = false;
 	if (e->cfg.all_at_once && !st->save_broken) {
-		all = kvrt_event_record(e->save_cev[0], e->compute) == 0;
-		if (!all)
-			_KVRT_STAT_ADD(e, st_save_skipped_mailbox, 1);
+		int erc = kvrt_event_record(e->save_cev[0], e->compute);
+		all = erc == 0;
+		/* Without the mark nothing is gathered: the save actor drops the
+		 * step's chunks (counted as abandoned) and frees their slabs. */
+		if (erc)
+			kvrt_error("engine: step %u: the forward's end could not be marked (%d): "
+				   "its saves are dropped", st->gen, erc);
 	}
 	/* SAVE_END must get through (the mailbox has room for a step's
 	 * messages): without it the step's slabs and its completion would be

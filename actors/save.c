@@ -79,15 +79,16 @@ struct kvrt_save {
 	size_t slots_cap;
 	uint32_t *stash;                  /* slabs taken, unused */
 	uint32_t nstash, stash_cap;
-	uint32_t want;                    /* chunks the current step may still take */
+	uint32_t later;                   /* chunks of the step's requests not planned yet */
 	uint32_t takes;                   /* slabs it took from the ring */
 	uint32_t asked_at;                /* takes when it last asked for room */
 	struct kvrt_completion room;      /* the evict actor's answer */
 	bool room_pending;                /* asked, answer not seen yet */
 };
 
-
-static bool take(struct kvrt_save *s, uint32_t *slab)
+/* A slab for one of the step's chunks; want: the chunks the step may still
+ * take, this one included. */
+static bool take(struct kvrt_save *s, uint32_t *slab, uint32_t want)
 {
 	if (s->nstash) {
 		*slab = s->stash[--s->nstash];
@@ -99,23 +100,29 @@ static bool take(struct kvrt_save *s, uint32_t *slab)
 	}
 	/* The ring ran dry (it holds at most half the pool, refilled as
 	 * chunks are admitted): the evict actor frees what the rest of the
-	 * step wants, evicting if it must, and refills it. This waits on the
-	 * save actor, not on the forward (the next bind waits only if the
-	 * actor is still here two steps on). Asked again only after the last
+	 * step wants, evicting if it must, and refills it. The forward does
+	 * not wait for this, but the next bind waits for this step's
+	 * SAVE_BEGIN, hence the bound below. Asked again only after the last
 	 * answer helped: pins and reads can hold the whole pool. */
 	if (s->asked_at == s->takes)
 		return false;
 	if (s->room_pending && !kvrt_completion_done(&s->room))
 		return false; /* an earlier answer is late: the evict actor is busy */
 	s->asked_at = s->takes;
-	if (kvrt_evict_ask_room(s->e->ev, s->want, &s->room))
+	if (kvrt_evict_ask_room(s->e->ev, want, &s->room))
 		return false;
 	s->room_pending = true;
 	/* Bounded (room_wait_us): a busy evict actor must not hold the save
 	 * actor, which the next bind may wait for. */
 	uint64_t wait = s->e->cfg.room_wait_us ? s->e->cfg.room_wait_us : 5000;
-	if (kvrt_completion_wait(&s->room, wait * 1000))
-		return false; /* late: seen done at the next ask or at stop */
+	if (kvrt_completion_wait(&s->room, wait * 1000)) {
+		/* Late: seen done at the next ask or at stop. One warning per
+		 * late answer (no new ask until it came). */
+		kvrt_warn("save: step %u: the evict actor did not free slabs within %llu us: "
+			  "the step's other chunks are not saved (counted in skipped_saves)",
+			  s->gen, (unsigned long long)wait);
+		return false;
+	}
 	s->room_pending = false;
 	if (!kvrt_pool_take(s->e->pool, slab))
 		return false;
@@ -156,7 +163,13 @@ static int plan_ready(struct kvrt_save *s, uint32_t k, uint32_t rows)
 	return kvrt_device_plan_reset(s->plan[k]);
 }
 
-/* Plan the chunks of request q; false when the plan or memory ran out. */
+/* Chunks request q saves (before dedup). */
+static uint32_t save_chunks(const struct _kvrt_sreq *q)
+{
+	return q->save_full_end + (q->save_tail != 0) - q->save_first;
+}
+
+/* Plan the chunks of request q; what cannot be planned is counted. */
 static void plan_req(struct kvrt_save *s, const struct _kvrt_step *st, const struct _kvrt_sreq *q)
 {
 	struct kvrt_engine *e = s->e;
@@ -166,12 +179,11 @@ static void plan_req(struct kvrt_save *s, const struct _kvrt_step *st, const str
 	    kvrt_grow((void **)&s->ch, &s->cap, s->n + (nkeys - q->save_first), sizeof(*s->ch)) ||
 	    kvrt_grow((void **)&s->slots, &s->slots_cap, cs, sizeof(*s->slots))) {
 		_KVRT_STAT_ADD(e, st_save_abandoned, nkeys - q->save_first);
-		s->want -= nkeys - q->save_first;
 		return;
 	}
 	_kvrt_keys(q->ns_hash, st->tokens + q->tok_off, cs, q->save_full_end, q->save_tail, s->keys);
 	const int32_t *blk = st->blocks + q->blk_off;
-	for (uint32_t i = q->save_first; i < nkeys; i++, s->want--) {
+	for (uint32_t i = q->save_first; i < nkeys; i++) {
 		struct kvrt_chunk_key key = s->keys[i];
 		uint32_t n = i < q->save_full_end ? cs : q->save_tail;
 		if (kvrt_index_lookup(s->r, &key, 1, 0, 0, NULL) || in_step(s, key)) {
@@ -179,11 +191,10 @@ static void plan_req(struct kvrt_save *s, const struct _kvrt_step *st, const str
 			continue;
 		}
 		uint32_t slab;
-		if (!take(s, &slab)) {
+		if (!take(s, &slab, nkeys - i + s->later)) {
 			/* Later chunks without this one are unreachable (lookups
 			 * stop at the first missing chunk): skip them too. */
 			_KVRT_STAT_ADD(e, st_save_skipped_pool, nkeys - i);
-			s->want -= nkeys - i;
 			return;
 		}
 		void *dptr;
@@ -193,7 +204,6 @@ static void plan_req(struct kvrt_save *s, const struct _kvrt_step *st, const str
 		if (!ok || kvrt_device_plan_add(s->plan[s->k], dptr, n, 0, n, s->slots)) {
 			stash(s, slab);
 			_KVRT_STAT_ADD(e, st_save_abandoned, nkeys - i);
-			s->want -= nkeys - i;
 			return;
 		}
 		s->ch[s->n++] = (struct _schunk){.key = key, .slab = slab, .n = n};
@@ -213,14 +223,14 @@ static void on_begin(struct kvrt_save *s, uint32_t gen)
 	s->failed = false;
 	s->active = true;
 	uint32_t rows = 0;
-	s->want = 0;
+	s->later = 0;
 	s->takes = 0;
 	s->asked_at = UINT32_MAX;
 	for (uint32_t i = 0; i < st->nreq; i++) {
 		const struct _kvrt_sreq *q = &st->reqs[i];
 		if (q->save) {
 			rows += (q->save_full_end - q->save_first) * e->cs + q->save_tail;
-			s->want += q->save_full_end + (q->save_tail != 0) - q->save_first;
+			s->later += save_chunks(q);
 		}
 	}
 	/* The gathers that last read plan k (two steps ago) must be done. */
@@ -231,8 +241,10 @@ static void on_begin(struct kvrt_save *s, uint32_t gen)
 		return;
 	}
 	for (uint32_t i = 0; i < st->nreq; i++)
-		if (st->reqs[i].save)
+		if (st->reqs[i].save) {
+			s->later -= save_chunks(&st->reqs[i]);
 			plan_req(s, st, &st->reqs[i]);
+		}
 	if (s->n && kvrt_device_plan_upload(s->plan[s->k], e->sstream))
 		s->failed = true;
 }
