@@ -682,13 +682,25 @@ int kvrt_engine_bind_step(struct kvrt_engine *e, const struct kvrt_step_plan *p)
 		uint32_t need_tok = 0, need_end = 0; /* tokens to copy; tokens whose blocks to copy */
 		if (r->load_end > r->load_start) {
 			uint32_t hit = r->load_hit ? r->load_hit : r->load_end;
-			if (hit < r->load_end || hit > r->num_tokens || !r->tokens ||
+			bool refused = r->flags & KVRT_PLAN_REFUSED_LOAD;
+			if (refused || hit < r->load_end || hit > r->num_tokens || !r->tokens ||
 			    (r->load_end + bs - 1) / bs > r->num_blocks || !r->block_ids) {
-				kvrt_error("engine: request %016llx: load [%u, %u) of a %u-token hit does not fit "
-					   "its %u tokens and %u blocks: dropped",
-					   (unsigned long long)r->req_id, r->load_start, r->load_end, hit,
-					   r->num_tokens, r->num_blocks);
-				ret = -EINVAL;
+				if (!refused) {
+					kvrt_error("engine: request %016llx: load [%u, %u) of a %u-token hit does "
+						   "not fit its %u tokens and %u blocks: reported as load errors",
+						   (unsigned long long)r->req_id, r->load_start, r->load_end, hit,
+						   r->num_tokens, r->num_blocks);
+					ret = -EINVAL;
+				}
+				/* vLLM counts these tokens as computed: never leave
+				 * its blocks unwritten without saying so. */
+				if (r->block_ids)
+					_kvrt_engine_add_errors(e, r->block_ids, r->num_blocks, r->load_start,
+								r->load_end);
+				if (r->flags & KVRT_PLAN_ASYNC_LOAD)
+					_kvrt_engine_add_recv(e, q.req_id, true);
+				_KVRT_STAT_ADD(e, st_load_failed_chunks,
+					       (r->load_end - 1) / cs - r->load_start / cs + 1);
 				continue;
 			}
 			q.load = true;

@@ -133,6 +133,10 @@ enum {
 	KVRT_PLAN_ASYNC_LOAD = 1u << 0, /* load outside the step: promote lower-tier
 					 * chunks first, report finished-recving when
 					 * the KV is in vLLM's blocks */
+	KVRT_PLAN_REFUSED_LOAD = 1u << 1, /* the load [load_start, load_end) was
+					   * refused upstream: nothing is loaded,
+					   * its blocks are reported as load errors
+					   * (async: finished-recving, failed) */
 };
 
 /* One request of a step. Token ranges are [start, end) in the request's

@@ -526,8 +526,14 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 			if (l == KVRT_META_LOADS) {
 				r->load_start = item.token_start;
 				r->load_end = item.token_end;
-				r->load_hit = (kvrt_meta_item_first_chunk(&item, &v) + item.num_keys - 1) * cs +
-					      item.last_chunk_tokens;
+				if (item.flags & KVRT_META_REFUSED) {
+					r->flags |= KVRT_PLAN_REFUSED_LOAD;
+					r->load_hit = item.token_end;
+				} else {
+					r->load_hit = (kvrt_meta_item_first_chunk(&item, &v) + item.num_keys - 1) *
+							      cs +
+						      item.last_chunk_tokens;
+				}
 				if (item.flags & KVRT_META_ASYNC) {
 					r->flags |= KVRT_PLAN_ASYNC_LOAD;
 					if (pend_add(w, item.id_hash, false, item.id, item.id_len))
@@ -575,7 +581,7 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 				 * the engine checks only what it is given, so give it
 				 * none unless the load starts at chunk 0. */
 				uint32_t first = kvrt_meta_item_first_chunk(&item, &v);
-				if (first == 0) {
+				if (first == 0 && item.num_keys) {
 					r->keys = w->keys + ko;
 					r->num_keys = item.num_keys;
 					for (uint32_t k = 0; k < item.num_keys; k++)
@@ -814,6 +820,14 @@ struct _kvrt_sreq_state {
 	uint32_t id_len;
 	uint64_t ns;            /* key namespace */
 	uint32_t hit;           /* tokens the last lookup matched (load_hit) */
+	/* The last lookup vLLM asked: its num_computed (vLLM's local hit) and
+	 * kvrt's answer. vLLM allocates right after the lookup whose answer it
+	 * takes, so after_alloc plans the load from lookup_computed, never from
+	 * request.num_computed_tokens (still 0 then: vLLM sets it after
+	 * update_state_after_alloc). */
+	uint32_t lookup_computed;
+	uint32_t lookup_matched;
+	bool looked_up;
 	uint64_t wait_t0;       /* first "ask again" for chunks coming from disk or
 				 * Redis (sync loads, prefetch_wait_ms); 0 = none */
 	bool async;             /* the last lookup answered async */
@@ -823,7 +837,9 @@ struct _kvrt_sreq_state {
 	/* a load planned by after_alloc, for the next metadata */
 	bool load;
 	uint32_t load_start, load_end;
-	uint32_t *load_tok;     /* tokens [0, hit) */
+	bool load_refused;      /* after_alloc refused it: the worker reports its
+				 * blocks as load errors */
+	uint32_t *load_tok;     /* tokens [0, hit); NULL when refused */
 	int32_t *load_blk;      /* blocks [load_start/bs, (load_end-1)/bs] */
 	uint32_t load_nblk;
 	struct _kvrt_sreq_state *next; /* hash chain */
@@ -840,6 +856,8 @@ struct kvrt_sched {
 	uint32_t bs, cs;               /* block, chunk size */
 	uint64_t step;                 /* metadata built so far */
 	bool warned;                   /* "no worker" said */
+	bool warned_alloc;             /* a refused load said */
+	uint64_t refused_loads;        /* loads refused by after_alloc */
 	struct kvrt_lsock_client *lsock; /* the ranks' lookup sockets, or NULL */
 	bool lsock_off;                /* lookup sockets not used (not wanted or failed) */
 	struct _kvrt_sreq_state *tab[_SCHED_BUCKETS]; /* requests by hash */
@@ -1080,6 +1098,9 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 	q->ns = sched_req_ns(s, r);
 	q->hit = 0;
 	q->async = false;
+	q->lookup_computed = num_computed;
+	q->lookup_matched = 0;
+	q->looked_up = true;
 	/* Only the prompt is looked up (decode KV is saved only on request). */
 	uint32_t n = r->prompt_tokens;
 	struct kvrt_lookup_result res = {0};
@@ -1126,11 +1147,49 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 		goto out;
 	q->hit = hit;
 	q->async = async;
-	*matched = upto - num_computed;
+	q->lookup_matched = *matched = upto - num_computed;
 	*load_async = async;
 out:
 	pthread_mutex_unlock(&s->mu);
 	return ret;
+}
+
+/* The lookup's pins of request hash h, released here or on the ranks of
+ * other processes (caller holds s->mu). */
+static void sched_release(struct kvrt_sched *s, uint64_t h)
+{
+	pthread_rwlock_rdlock(&reg_lock);
+	struct kvrt_worker *w = reg_find(s->instance);
+	if (w)
+		kvrt_engine_release(w->e, h);
+	else if (s->lsock)
+		kvrt_lsock_client_release(s->lsock, h);
+	pthread_rwlock_unlock(&reg_lock);
+}
+
+/* Plan q's load of [start, end) into block_ids (the whole table); refused:
+ * a load the worker does not run but reports as load errors. */
+static int sched_plan_load(struct kvrt_sched *s, struct _kvrt_sreq_state *q, const struct kvrt_request *r,
+			   const int32_t *block_ids, uint32_t start, uint32_t end, bool refused)
+{
+	sload_clear(s, q);
+	uint32_t b0 = start / s->bs, b1 = (end - 1) / s->bs + 1;
+	q->load_tok = refused ? NULL : malloc((size_t)q->hit * sizeof(uint32_t));
+	q->load_blk = malloc((size_t)(b1 - b0) * sizeof(int32_t));
+	if ((!refused && !q->load_tok) || !q->load_blk) {
+		sload_clear(s, q);
+		return -ENOMEM;
+	}
+	if (!refused)
+		memcpy(q->load_tok, r->tokens, (size_t)q->hit * sizeof(uint32_t));
+	memcpy(q->load_blk, block_ids + b0, (size_t)(b1 - b0) * sizeof(int32_t));
+	q->load_nblk = b1 - b0;
+	q->load_start = start;
+	q->load_end = end;
+	q->load_refused = refused;
+	q->load = true;
+	s->nload++;
+	return 0;
 }
 
 int kvrt_sched_after_alloc(struct kvrt_sched *s, const struct kvrt_request *r, const int32_t *block_ids,
@@ -1140,46 +1199,53 @@ int kvrt_sched_after_alloc(struct kvrt_sched *s, const struct kvrt_request *r, c
 	pthread_mutex_lock(&s->mu);
 	uint64_t h = kvrt_meta_id_hash(r->id, r->id_len);
 	struct _kvrt_sreq_state *q = *sfind(s, r->id, r->id_len, h);
-	if (!q)
+	if (!q && num_external && r->id_len && r->id_len <= KVRT_META_MAX_ID_LEN)
+		q = sget(s, r->id, r->id_len); /* never looked up: refused below */
+	if (!q) {
+		rc = num_external ? -ENOMEM : 0;
 		goto out;
+	}
 	if (!num_external) {
-		if (!q->load && !q->async) {
-			/* Nothing to load: the lookup's pins are not needed. */
-			pthread_rwlock_rdlock(&reg_lock);
-			struct kvrt_worker *w = reg_find(s->instance);
-			if (w)
-				kvrt_engine_release(w->e, h);
-			else if (s->lsock)
-				kvrt_lsock_client_release(s->lsock, h);
-			pthread_rwlock_unlock(&reg_lock);
+		if (!q->load && !q->async)
+			sched_release(s, h); /* nothing to load: the pins are not needed */
+		goto out;
+	}
+	/* The load starts at vLLM's local hit as the lookup vLLM took was told
+	 * it: request.num_computed_tokens is not set yet when vLLM calls
+	 * update_state_after_alloc. */
+	uint32_t start = num_computed == KVRT_SCHED_FROM_LOOKUP ? q->lookup_computed : num_computed;
+	uint32_t end = start + num_external;
+	if (!q->looked_up || start != q->lookup_computed || num_external > q->lookup_matched || !q->hit ||
+	    end > q->hit || end > r->num_tokens || (end + s->bs - 1) / s->bs > num_blocks ||
+	    end < start) {
+		if (!s->warned_alloc) {
+			s->warned_alloc = true;
+			kvrt_error("kvrt: request %.*s: vLLM allocated %u external tokens at %u but kvrt's "
+				   "lookup was at %u and matched %u (hit %u): load refused, its blocks "
+				   "reported as load errors (recomputed); logged once",
+				   (int)r->id_len, r->id, num_external, start, q->lookup_computed,
+				   q->lookup_matched, q->hit);
+		}
+		s->refused_loads++;
+		sched_release(s, h);
+		/* vLLM counts these tokens as computed: the blocks it may read
+		 * from kvrt (both starts, when they differ) go back as errors. */
+		uint32_t lo = start < q->lookup_computed ? start : q->lookup_computed;
+		uint32_t hi = (start > q->lookup_computed ? start : q->lookup_computed) + num_external;
+		uint32_t cap = num_blocks * s->bs;
+		if (hi > cap)
+			hi = cap;
+		if (lo < hi) {
+			int prc = sched_plan_load(s, q, r, block_ids, lo, hi, true);
+			rc = prc ? prc : -EINVAL;
+		} else {
+			rc = -EINVAL;
 		}
 		goto out;
 	}
-	uint32_t start = num_computed, end = num_computed + num_external;
-	if (!q->hit || end > q->hit || end > r->num_tokens || (end + s->bs - 1) / s->bs > num_blocks) {
-		kvrt_error("kvrt: request %.*s: vLLM allocated %u external tokens at %u beyond "
-			   "the %u-token hit: no load planned",
-			   (int)r->id_len, r->id, num_external, num_computed, q->hit);
-		goto out;
-	}
-	sload_clear(s, q);
-	uint32_t b0 = start / s->bs, b1 = (end - 1) / s->bs + 1;
-	q->load_tok = malloc((size_t)q->hit * sizeof(uint32_t));
-	q->load_blk = malloc((size_t)(b1 - b0) * sizeof(int32_t));
-	if (!q->load_tok || !q->load_blk) {
-		sload_clear(s, q);
-		rc = -ENOMEM;
-		goto out;
-	}
-	memcpy(q->load_tok, r->tokens, (size_t)q->hit * sizeof(uint32_t));
-	memcpy(q->load_blk, block_ids + b0, (size_t)(b1 - b0) * sizeof(int32_t));
-	q->load_nblk = b1 - b0;
-	q->load_start = start;
-	q->load_end = end;
-	q->load = true;
-	s->nload++;
+	rc = sched_plan_load(s, q, r, block_ids, start, end, false);
 	/* Loaded chunks are cached already: never save them again. */
-	if (end / s->cs > q->saved_chunks)
+	if (!rc && end / s->cs > q->saved_chunks)
 		q->saved_chunks = end / s->cs;
 out:
 	pthread_mutex_unlock(&s->mu);
@@ -1283,6 +1349,23 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 		for (struct _kvrt_sreq_state *q = s->tab[b]; q; q = q->next) {
 			if (!q->load)
 				continue;
+			if (q->load_refused) {
+				for (uint32_t i = 0; i < q->load_nblk; i++)
+					s->blk[nblk + i] = (uint32_t)q->load_blk[i];
+				s->mreq[nitems++] = (struct kvrt_meta_req){
+					.id = {q->id, q->id_len},
+					.flags = KVRT_META_REFUSED | (q->async ? KVRT_META_ASYNC : 0),
+					.token_start = q->load_start, .token_end = q->load_end,
+					.last_chunk_tokens = cs, .keys = NULL, .num_keys = 0,
+					.block_ids = s->blk + nblk, .num_blocks = q->load_nblk};
+				nblk += q->load_nblk;
+				static const uint32_t no_tokens[1];
+				if (rt_add(s, &nrt, q->hash, q->ns, 0, 0, no_tokens)) {
+					rc = -ENOMEM;
+					goto out;
+				}
+				continue;
+			}
 			uint32_t first = q->load_start / cs, last = (q->load_end - 1) / cs;
 			bool tail = (uint64_t)(last + 1) * cs > q->hit;
 			struct kvrt_chunk_key *k = s->keys + nkeys;
@@ -1454,13 +1537,7 @@ int kvrt_sched_finished(struct kvrt_sched *s, const char *id, uint32_t id_len, b
 	uint64_t h = kvrt_meta_id_hash(id, id_len);
 	struct _kvrt_sreq_state **pp = sfind(s, id, id_len, h);
 	struct _kvrt_sreq_state *q = *pp;
-	pthread_rwlock_rdlock(&reg_lock);
-	struct kvrt_worker *w = reg_find(s->instance);
-	if (w)
-		kvrt_engine_release(w->e, h);
-	else if (s->lsock)
-		kvrt_lsock_client_release(s->lsock, h);
-	pthread_rwlock_unlock(&reg_lock);
+	sched_release(s, h);
 	if (q) {
 		/* Saved from its blocks: gathers may still read them (wait_save
 		 * does not wait for them). Keep the blocks until the workers

@@ -274,9 +274,22 @@ KVRT_API int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *
 			       uint32_t num_computed, uint32_t *matched, bool *load_async);
 
 /* update_state_after_alloc: the request's blocks (its whole block table)
- * after vLLM allocated for num_external tokens at num_computed (its local
- * hit). num_external > 0 plans a load in the next metadata; 0 plans none
- * (async loads are called twice, the second time with 0). 0, -ENOMEM. */
+ * after vLLM allocated for num_external tokens. num_external > 0 plans a
+ * load of [start, start + num_external) in the next metadata, where start
+ * is the num_computed of this request's last kvrt_sched_lookup (vLLM's
+ * local hit: vLLM allocates right after the lookup whose answer it takes).
+ * Pass num_computed = KVRT_SCHED_FROM_LOOKUP to take it from there (what
+ * the vLLM shim does: vLLM sets request.num_computed_tokens only after
+ * update_state_after_alloc, so it is 0 at this call), or the local hit
+ * itself to have it checked. A start other than the lookup's, more tokens
+ * than it matched, or no lookup at all is refused: nothing is loaded, the
+ * pins are released, an error is logged (once per scheduler) and the
+ * blocks vLLM may read go back as load errors in the next step
+ * (get_block_ids_with_load_errors), so vLLM recomputes them; -EINVAL.
+ * num_external 0 plans none (async loads are called twice, the second
+ * time with 0) and releases the pins of a request that loads nothing.
+ * 0, -EINVAL, -ENOMEM. */
+#define KVRT_SCHED_FROM_LOOKUP UINT32_MAX
 KVRT_API int kvrt_sched_after_alloc(struct kvrt_sched *s, const struct kvrt_request *r,
 				    const int32_t *block_ids, uint32_t num_blocks,
 				    uint32_t num_computed, uint32_t num_external);

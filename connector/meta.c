@@ -28,6 +28,9 @@ static bool item_ok(bool save, uint32_t cs, uint32_t bs, uint32_t flags, uint32_
 	if (!(start < end) || end > KVRT_META_MAX_TOKENS)
 		return false;
 	uint32_t c0 = start / cs, c1 = (end - 1) / cs;
+	if (flags & KVRT_META_REFUSED)
+		return !(flags & KVRT_META_UNFULL) && num_keys == 0 && last == cs &&
+		       num_blocks == (end - 1) / bs - start / bs + 1;
 	if (num_keys != c1 - c0 + 1)
 		return false;
 	if (last < 1 || last > cs || ((flags & KVRT_META_UNFULL) != 0) != (last < cs))
@@ -62,7 +65,7 @@ static uint64_t req_size(const struct kvrt_meta_plan *p, const struct kvrt_meta_
 	if (!item_ok(save, p->chunk_size, p->block_size, r->flags, r->token_start, r->token_end,
 		     r->last_chunk_tokens, r->num_keys, r->num_blocks))
 		return 0;
-	if (!r->keys || !r->block_ids)
+	if ((!r->keys && r->num_keys) || !r->block_ids)
 		return 0;
 	for (uint32_t i = 0; i < r->num_blocks; i++)
 		if (!block_ok(r->block_ids[i]))

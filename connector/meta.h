@@ -78,8 +78,9 @@
  * or above KVRT_META_MAX_ID_LEN, an id whose hash differs, flags not defined
  * for the list, an empty or reversed token range or one ending above
  * KVRT_META_MAX_TOKENS, a key count or block count other than the range
- * implies, last_chunk_tokens outside 1..chunk_size, UNFULL not matching it, a
- * range reaching past the last chunk's tokens, a save not covering whole
+ * implies (a REFUSED load carries no keys and last_chunk_tokens =
+ * chunk_size), last_chunk_tokens outside 1..chunk_size, UNFULL not matching
+ * it, a range reaching past the last chunk's tokens, a save not covering whole
  * chunks, block id 0 or above INT32_MAX, bytes left over. It does not know
  * vLLM's num_gpu_blocks: the worker checks block ids against it.
  * The encoder applies the same rules to its input (-EINVAL), so whatever
@@ -109,8 +110,14 @@ enum {
 	KVRT_META_ASYNC = 1u << 0,  /* load: asynchronous (reported via get_finished) */
 	KVRT_META_UNFULL = 1u << 1, /* load, save: the last chunk is a tail */
 	KVRT_META_DECODE = 1u << 2, /* save: decode-phase KV */
+	KVRT_META_REFUSED = 1u << 3, /* load: the scheduler refused it (vLLM's
+				      * range did not match the lookup); the
+				      * worker loads nothing and reports its
+				      * blocks as load errors, so vLLM
+				      * recomputes them. No keys; last chunk
+				      * tokens = chunk_size */
 };
-#define KVRT_META_LOAD_FLAGS (KVRT_META_ASYNC | KVRT_META_UNFULL)
+#define KVRT_META_LOAD_FLAGS (KVRT_META_ASYNC | KVRT_META_UNFULL | KVRT_META_REFUSED)
 #define KVRT_META_SAVE_FLAGS (KVRT_META_UNFULL | KVRT_META_DECODE)
 
 /* A request id: vLLM's string id as bytes (not NUL-terminated). */

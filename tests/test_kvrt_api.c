@@ -452,3 +452,121 @@ Test(kvrt_api, finished_ids_that_do_not_fit_come_next_time)
 	}
 	rig_down(&g);
 }
+
+/* Request B after A saved 2 chunks: vLLM's own prefix cache holds B's first
+ * block (local hit 16), kvrt the second. B's blocks are poisoned first. */
+static void local_hit_rig(struct rig *g, const char *inst, uint32_t *tok, int32_t *ablk, int32_t *bblk,
+			  struct kvrt_request *b)
+{
+	rig_up(g, inst);
+	for (uint32_t i = 0; i < T; i++)
+		tok[i] = 7000 + i * 13;
+	save_a(g, tok, ablk);
+	*b = req("B", tok, NULL);
+	uint32_t n;
+	bool as;
+	cr_assert_eq(kvrt_sched_lookup(g->s, b, BS, &n, &as), 0);
+	cr_assert_eq(n, 16u, "kvrt adds chunk 1 to the 16-token local hit");
+	for (int l = 0; l < 2; l++)
+		for (int k = 0; k < 2; k++)
+			for (uint32_t i = 0; i < H * BS * 2 * D; i++)
+				slot(g, l, (uint32_t)bblk[k], 0, 0)[i] = -7.0f;
+}
+
+static void local_hit_step(struct rig *g)
+{
+	const void *m;
+	size_t len;
+	cr_assert_eq(kvrt_sched_build_meta(g->s, &(struct kvrt_sched_step){0}, &m, &len), 0);
+	step(g, m, len);
+	cr_assert_eq(kvrt_worker_flush(g->w), 0);
+}
+
+/* The load starts where vLLM's local hit ended, as the lookup was told:
+ * vLLM calls update_state_after_alloc before it sets num_computed_tokens,
+ * so the caller cannot pass it (the defect: tokens [0, 16) loaded into the
+ * block of [16, 32)). KVRT_SCHED_FROM_LOOKUP and the explicit local hit
+ * load the same bytes; the local block is not touched. */
+Test(kvrt_api, load_starts_at_the_lookups_local_hit)
+{
+	for (int explicit = 0; explicit < 2; explicit++) {
+		struct rig g;
+		uint32_t tok[T];
+		int32_t ablk[3] = {1, 2, 3}, bblk[3] = {7, 8, 9};
+		struct kvrt_request b;
+		local_hit_rig(&g, explicit ? "t-local-x" : "t-local", tok, ablk, bblk, &b);
+		cr_assert_eq(kvrt_sched_after_alloc(g.s, &b, bblk, 3, explicit ? BS : KVRT_SCHED_FROM_LOOKUP, 16),
+			     0);
+		local_hit_step(&g);
+		int64_t errs[8];
+		cr_assert_eq(kvrt_worker_load_errors(g.w, errs, 8), 0u);
+		for (int l = 0; l < 2; l++)
+			for (uint32_t h = 0; h < H; h++)
+				for (uint32_t t = 0; t < BS; t++) {
+					cr_assert_eq(memcmp(slot(&g, l, (uint32_t)bblk[1], h, t),
+							    slot(&g, l, (uint32_t)ablk[1], h, t), 2 * D * 4), 0,
+						     "layer %d token %u head %u: chunk 1 not in block 1", l, BS + t, h);
+					cr_assert_eq(*slot(&g, l, (uint32_t)bblk[0], h, t), -7.0f,
+						     "the local hit's block was written");
+				}
+		bool delay;
+		cr_assert_eq(kvrt_sched_finished(g.s, "B", 1, &delay), 0);
+		cr_assert_eq(kvrt_worker_flush(g.w), 0);
+		struct kvrt_stats st;
+		kvrt_worker_stats(g.w, &st);
+		cr_assert_eq(st.pinned, 0u);
+		cr_assert_eq(st.load_tokens, 16u);
+		rig_down(&g);
+	}
+}
+
+/* A start other than the lookup's, more tokens than it matched, or no
+ * lookup at all: refused (-EINVAL), nothing is loaded, the pins go, and
+ * the blocks vLLM would read come back as load errors (vLLM recomputes
+ * them) instead of holding whatever was there. */
+Test(kvrt_api, after_alloc_refuses_a_range_the_lookup_did_not_give)
+{
+	struct rig g;
+	uint32_t tok[T];
+	int32_t ablk[3] = {1, 2, 3}, bblk[3] = {7, 8, 9};
+	struct kvrt_request b;
+	local_hit_rig(&g, "t-refuse", tok, ablk, bblk, &b);
+	cr_assert_eq(kvrt_sched_after_alloc(g.s, &b, bblk, 3, 0, 16), -EINVAL);
+	cr_assert_eq(kvrt_worker_flush(g.w), 0);
+	struct kvrt_stats st;
+	kvrt_worker_stats(g.w, &st);
+	cr_assert_eq(st.pinned, 0u, "a refused load keeps no pins");
+	local_hit_step(&g);
+	int64_t errs[8];
+	size_t ne = kvrt_worker_load_errors(g.w, errs, 8);
+	cr_assert_eq(ne, 2u, "blocks of [0, 32) reported, got %zu", ne);
+	cr_assert(errs[0] == 7 && errs[1] == 8);
+	for (int l = 0; l < 2; l++)
+		cr_assert_eq(*slot(&g, l, (uint32_t)bblk[1], 0, 0), -7.0f, "a refused load wrote");
+	kvrt_worker_stats(g.w, &st);
+	cr_assert_eq(st.load_tokens, 0u);
+
+	/* More than the lookup matched. */
+	uint32_t n;
+	bool as, delay;
+	cr_assert_eq(kvrt_sched_lookup(g.s, &b, BS, &n, &as), 0);
+	cr_assert_eq(kvrt_sched_after_alloc(g.s, &b, bblk, 3, KVRT_SCHED_FROM_LOOKUP, 24), -EINVAL);
+	local_hit_step(&g);
+	ne = kvrt_worker_load_errors(g.w, errs, 8);
+	cr_assert_eq(ne, 2u, "blocks of [16, 40) reported, got %zu", ne);
+	cr_assert(errs[0] == 8 && errs[1] == 9);
+
+	/* No lookup at all. */
+	struct kvrt_request z = req("Z", tok, NULL);
+	cr_assert_eq(kvrt_sched_after_alloc(g.s, &z, bblk, 3, KVRT_SCHED_FROM_LOOKUP, 16), -EINVAL);
+	local_hit_step(&g);
+	cr_assert_eq(kvrt_worker_load_errors(g.w, errs, 8), 1u);
+	cr_assert_eq(errs[0], 7);
+	cr_assert_eq(kvrt_sched_finished(g.s, "B", 1, &delay), 0);
+	cr_assert_eq(kvrt_sched_finished(g.s, "Z", 1, &delay), 0);
+	cr_assert_eq(kvrt_worker_flush(g.w), 0);
+	kvrt_worker_stats(g.w, &st);
+	cr_assert_eq(st.pinned, 0u);
+	cr_assert_eq(st.load_tokens, 0u);
+	rig_down(&g);
+}

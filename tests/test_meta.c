@@ -197,6 +197,8 @@ static void expect_same_req(const struct kvrt_meta_item *it, const struct kvrt_m
 		uint64_t want = (uint64_t)r->block_ids[t / bs - r->token_start / bs] * bs + t % bs;
 		cr_assert_eq(kvrt_meta_item_slot(it, v, t), want);
 	}
+	if (r->flags & KVRT_META_REFUSED)
+		return; /* no keys: nothing of chunks to check */
 	cr_assert_eq(kvrt_meta_item_first_chunk(it, v) + it->num_keys - 1,
 		     (r->token_end - 1) / v->chunk_size);
 	uint32_t tokens = 0;
@@ -509,6 +511,40 @@ Test(meta, load_ranges)
 	cr_expect_eq(kvrt_meta_encode(&p, buf, sizeof(buf), &len), 0);
 	r.flags |= KVRT_META_DECODE; /* a save flag on a load */
 	cr_expect_eq(kvrt_meta_encode(&p, buf, sizeof(buf), &len), -EINVAL);
+}
+
+/* A refused load (after_alloc's range did not match the lookup) carries its
+ * blocks and no keys; keys, a tail or a save with the flag are refused. */
+Test(meta, refused_load)
+{
+	const struct kvrt_chunk_key keys[2] = {{1, 2}, {3, 4}};
+	uint32_t blocks[3] = {7, 8, 9};
+	struct kvrt_meta_req r = {.id = {"x", 1}, .token_start = 16, .token_end = 48,
+				  .last_chunk_tokens = 16, .flags = KVRT_META_REFUSED | KVRT_META_ASYNC,
+				  .keys = NULL, .num_keys = 0, .block_ids = blocks, .num_blocks = 2};
+	struct kvrt_meta_plan p = {.block_size = 16, .chunk_size = 16, .loads = &r, .num_loads = 1};
+	uint8_t buf[1024];
+	size_t len;
+	cr_assert_eq(kvrt_meta_encode(&p, buf, sizeof(buf), &len), 0);
+	expect_round_trip(&p, buf, len);
+	r.keys = keys;
+	r.num_keys = 2;
+	cr_expect_eq(kvrt_meta_encode(&p, buf, sizeof(buf), &len), -EINVAL, "a refused load has no keys");
+	r.keys = NULL;
+	r.num_keys = 0;
+	r.flags |= KVRT_META_UNFULL;
+	r.last_chunk_tokens = 8;
+	cr_expect_eq(kvrt_meta_encode(&p, buf, sizeof(buf), &len), -EINVAL);
+	r.flags = KVRT_META_REFUSED;
+	r.last_chunk_tokens = 16;
+	r.num_blocks = 3;
+	cr_expect_eq(kvrt_meta_encode(&p, buf, sizeof(buf), &len), -EINVAL, "block count checked");
+	r.num_blocks = 2;
+	p.loads = NULL;
+	p.num_loads = 0;
+	p.saves = &r;
+	p.num_saves = 1;
+	cr_expect_eq(kvrt_meta_encode(&p, buf, sizeof(buf), &len), -EINVAL, "not a save flag");
 }
 
 Test(meta, every_truncation_rejected)

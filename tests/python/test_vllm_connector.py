@@ -22,9 +22,22 @@ def model_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+# Every scenario runs with vLLM's own prefix caching off and on (vLLM's
+# default). With it on, Engine.add() empties vLLM's cache first, so repeats
+# are kvrt's hits; keep_local=True keeps it for partial local hits.
+PREFIX_CACHING = [False]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["pc-off", "pc-on"])
+def prefix_caching(request):
+    PREFIX_CACHING[0] = request.param
+    return request.param
+
+
 def engine(model_dir, extra=None, **kw):
     cfg = dict(BASE)
     cfg.update(extra or {})
+    kw.setdefault("prefix_caching", PREFIX_CACHING[0])
     return H.Engine(model_dir, extra=cfg, **kw)
 
 
@@ -157,8 +170,89 @@ def test_preemption_resume_no_leaks(model_dir):
                 if rid in eng.wreq:
                     assert H.verify_loaded(eng, rid, n), f"{rid}: wrong KV loaded"
                     checked += 1
-        assert checked, "a resumed request loaded from kvrt"
-        assert any(o[0] > 0 for _, _, o in seen), "the resumed request hit kvrt"
+        if not eng.prefix_caching:  # on: vLLM's own cache may serve the resume
+            assert checked, "a resumed request loaded from kvrt"
+            assert any(o[0] > 0 for _, _, o in seen), "the resumed request hit kvrt"
+        eng.assert_empty()
+        assert pins(eng) == 0
+    finally:
+        eng.close()
+
+
+def test_partial_local_hit_then_kvrt(model_dir, prefix_caching):
+    """vLLM's prefix cache holds a prompt's first blocks, kvrt its next
+    chunks: kvrt loads exactly tokens [local, local + n) into exactly the
+    blocks that hold them (every block checked bit for bit). The defect this
+    pins down: the load started at request.num_computed_tokens, still 0 when
+    vLLM calls update_state_after_alloc, so tokens [0, n) went into the
+    blocks of [local, local + n) and vLLM then cached them."""
+    if not prefix_caching:
+        pytest.skip("needs vLLM's own prefix cache")
+    eng = engine(model_dir, keep_local=True)
+    seen = spy_lookups(eng)
+    try:
+        P = H.prompt(30, n=72)                 # 4 full chunks + 8 tokens
+        eng.add("A", P)
+        eng.run()
+        eng.wc.flush()
+        assert eng.wc.stats()["chunks"] == 4
+        assert eng.drop_local()                # vLLM forgets A; kvrt keeps it
+        eng.add("C", P[:40])                   # kvrt serves 32, vLLM caches blocks 0-1
+        eng.run()
+        assert {0, 1} <= {i for i, b in enumerate(H.prompt_blocks(eng, P))
+                          if b in eng.local_cached_blocks()}
+        k = len(seen)
+        eng.add("B", P)
+        so, sched = eng.step()
+        assert seen[k] == ("B", 32, (32, False)), seen[k:]  # local 32, kvrt 32 more
+        assert sched == {"B": 8}
+        assert so.has_sync_kv_loads
+        assert H.verify_loaded(eng, "B", 64), "kvrt loaded the wrong tokens"
+        before = eng.wc.stats()["load_tokens"]
+        eng.run()
+        assert before - eng.wc.stats()["load_tokens"] <= 0
+        # vLLM now caches B's blocks: a third request hitting them locally
+        # reads what kvrt wrote, and it is right.
+        eng.add("D", P + [5, 6, 7])
+        so, sched = eng.step()
+        assert sched["D"] <= 11
+        assert H.verify_loaded(eng, "D", 64)
+        eng.run()
+        eng.assert_empty()
+        assert pins(eng) == 0
+    finally:
+        eng.close()
+
+
+def test_preemption_partial_local_then_kvrt(model_dir, prefix_caching):
+    """Requests preempted and resumed while vLLM's prefix cache keeps only
+    their first blocks: each resume takes the head from vLLM and the next
+    chunks from kvrt, and every block of every resumed request holds
+    exactly the KV of its tokens."""
+    if not prefix_caching:
+        pytest.skip("needs vLLM's own prefix cache")
+    eng = engine(model_dir, num_blocks=12, keep_local=True)
+    seen = spy_lookups(eng)
+    try:
+        eng.add("A", H.prompt(40, n=72), max_tokens=40)
+        eng.add("B", H.prompt(41, n=72), max_tokens=40)
+        partial = checked = 0
+        for _ in range(400):
+            if not eng.sched.has_requests():
+                break
+            blocks = {r: list(st["blocks"]) for r, st in eng.wreq.items()}
+            k = len(seen)
+            so, _ = eng.step()
+            for rid, n, o in seen[k:]:
+                if o[0] and rid in eng.wreq:
+                    assert H.verify_loaded(eng, rid, n + o[0]), f"{rid}: wrong KV"
+                    checked += 1
+                    partial += n > 0
+            # A preempted request's blocks went back to vLLM's cache: keep
+            # only its first two there, so its resume is local + kvrt.
+            for rid in so.preempted_req_ids or ():
+                eng.sched.kv_cache_manager.evict_blocks(set(blocks.get(rid, [])[2:]))
+        assert partial, ("no resume took a local head and kvrt's chunks", eng.log[-5:])
         eng.assert_empty()
         assert pins(eng) == 0
     finally:
@@ -464,14 +558,14 @@ def redis_url():
         p.wait()
 
 
-def test_remote_hit_asks_again_instead_of_blocking(model_dir, redis_url):
+def test_remote_hit_asks_again_instead_of_blocking(model_dir, redis_url, prefix_caching):
     """A second engine with an empty local cache finds a prompt the first
     one wrote to Redis: the first scheduler pass gets None (Redis asked; the
     scheduler goes on), a later pass the hit, loaded asynchronously, exact."""
     import time
     # a generous wait: a loaded CI machine may answer after the default 5 ms
     cfg = {"remote_url": redis_url, "enable_async_loading": "true", "remote_lookup_wait_ms": "1000"}
-    P = H.prompt(9)
+    P = H.prompt(9 + 100 * prefix_caching)  # one Redis for both runs: a new prompt each
     e1 = engine(model_dir, cfg)
     try:
         e1.add("A", P)

@@ -85,7 +85,7 @@ def make_kv_cache_config(vllm_config, num_blocks):
 class Engine:
     """Scheduler + one CPU worker, stepping like EngineCore.step()."""
 
-    def __init__(self, model_dir, num_blocks=64, **cfg):
+    def __init__(self, model_dir, num_blocks=64, keep_local=False, **cfg):
         from vllm.distributed.kv_transfer import kv_transfer_state
         from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
         from vllm.utils.hashing import sha256
@@ -103,6 +103,25 @@ class Engine:
                                structured_output_manager=StructuredOutputManager(self.vc),
                                block_size=BLOCK, log_stats=True)
         self.sc = self.sched.get_kv_connector()
+        # vLLM's own prefix cache (prefix_caching=True): unless keep_local,
+        # add() empties it first when nothing holds blocks, so a repeated
+        # prompt is served by kvrt, not by vLLM's blocks; keep_local leaves
+        # it, for partial local hits followed by kvrt's chunks.
+        self.prefix_caching = bool(cfg.get("prefix_caching"))
+        self.keep_local = keep_local
+        # The local hit each lookup was given (vLLM's block-aligned local
+        # prefix-cache hit): blocks past it hold garbage on a real device.
+        self.local_hit: dict[str, int] = {}
+        orig = self.sc.get_num_new_matched_tokens
+
+        def lookup(req, n):
+            out = orig(req, n)
+            # An async load wrote its blocks while the request waited:
+            # those are not zeroed when it is scheduled.
+            self.local_hit[req.request_id] = None if out[0] and out[1] else n
+            return out
+
+        self.sc.get_num_new_matched_tokens = lookup
         # worker: same factory, role WORKER; vLLM's real worker-side glue
         kv_transfer_state._KV_CONNECTOR_AGENT = None
         self.wc = KVConnectorFactory.create_connector(
@@ -122,6 +141,8 @@ class Engine:
     def add(self, rid, prompt, max_tokens=3, cache_salt=None, lora=None):
         from vllm import SamplingParams
         from vllm.v1.request import Request
+        if self.prefix_caching and not self.keep_local and not self.sched.has_requests():
+            self.drop_local()
         sp = SamplingParams(max_tokens=max_tokens)
         sp.update_from_generation_config({}, EOS)
         req = Request(request_id=rid, prompt_token_ids=list(prompt),
@@ -130,6 +151,15 @@ class Engine:
                       block_hasher=self.hasher)
         self.sched.add_request(req)
         return req
+
+    def drop_local(self):
+        """Empty vLLM's own prefix cache (not kvrt's)."""
+        return self.sched.kv_cache_manager.reset_prefix_cache()
+
+    def local_cached_blocks(self):
+        """Blocks vLLM's prefix cache holds (a hash), by id."""
+        return {b.block_id for b in self.sched.kv_cache_manager.block_pool.blocks
+                if getattr(b, "block_hash", None) is not None}
 
     # --- fake model ---
     @staticmethod
@@ -156,11 +186,17 @@ class Engine:
         for rid in so.preempted_req_ids or ():
             self.wreq.pop(rid, None)
         zero = so.new_block_ids_to_zero or []
+        # Every block past vLLM's local hit is zeroed (what a real device
+        # would hold there is garbage): only kvrt's load or the forward can
+        # make it right, so verify_loaded tells a real load from leftovers.
         for nr in so.scheduled_new_reqs:
             self.wreq[nr.req_id] = dict(tokens=list(nr.prompt_token_ids),
                                         blocks=list(nr.block_ids[0]),
                                         computed=nr.num_computed_tokens)
-            zero += list(nr.block_ids[0])[nr.num_computed_tokens // BLOCK:]
+            local = self.local_hit.get(nr.req_id, 0)
+            if local is None:
+                local = nr.num_computed_tokens
+            zero += list(nr.block_ids[0])[local // BLOCK:]
         cr = so.scheduled_cached_reqs
         for i, rid in enumerate(cr.req_ids):
             nb = cr.new_block_ids[i]
@@ -168,6 +204,10 @@ class Engine:
                 toks = cr.all_token_ids.get(rid) or self.sched.requests[rid].all_token_ids
                 self.wreq[rid] = dict(tokens=list(toks), blocks=list(nb[0]),
                                       computed=cr.num_computed_tokens[i])
+                local = self.local_hit.get(rid, 0)
+                if local is None:
+                    local = cr.num_computed_tokens[i]
+                zero += list(nb[0])[local // BLOCK:]
             else:
                 if nb is not None:
                     self.wreq[rid]["blocks"] += list(nb[0])
@@ -255,6 +295,23 @@ class Engine:
 
 def prompt(seed, n=40):
     return [(seed * 31 + i * 7) % 400 + 10 for i in range(n)]
+
+
+def prompt_blocks(eng, tokens):
+    """The blocks vLLM's prefix cache maps the full blocks of tokens to
+    (None where it has none), by vLLM's own block hashes."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+    sp = SamplingParams(max_tokens=1)
+    sp.update_from_generation_config({}, EOS)
+    r = Request(request_id="kvrt-probe", prompt_token_ids=list(tokens), sampling_params=sp,
+                pooling_params=None, block_hasher=eng.hasher)
+    pool = eng.sched.kv_cache_manager.block_pool
+    out = []
+    for h in r.block_hashes:
+        b = pool.get_cached_block(h, [0])
+        out.append(b[0].block_id if b else None)
+    return out
 
 
 def verify_loaded(eng, rid, ntokens):

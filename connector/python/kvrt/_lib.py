@@ -15,6 +15,7 @@ _LOCK = threading.Lock()
 _LIB = None
 
 MAX_DIMS = 6
+SCHED_FROM_LOOKUP = 0xFFFFFFFF  # kvrt.h: KVRT_SCHED_FROM_LOOKUP
 
 
 class Options(C.Structure):

