@@ -149,15 +149,17 @@ static uint64_t req_ns(const struct kvrt_options *o, const struct kvrt_request *
 
 /* Lookup sockets (connector/lookup_socket.h) between a scheduler and
  * workers of other processes: KVRT_LOOKUP_SOCKET=1 turns them on, =0 off;
- * unset, they are on when the instance has more than one rank (TP x PP > 1:
- * vLLM's multiprocess executor). Rank k = pp_rank * tp_size + tp_rank. */
+ * unset, they are on when the workers may run in another process
+ * (KVRT_OPT_WORKERS_ELSEWHERE) or the instance has more than one rank
+ * (TP x PP > 1). A scheduler still reads a worker of its own process
+ * directly when there is one. Rank k = pp_rank * tp_size + tp_rank. */
 static bool lsock_wanted(const struct kvrt_options *o)
 {
 	const char *v = getenv("KVRT_LOOKUP_SOCKET");
 	if (v && v[0])
 		return v[0] == '1';
 	uint64_t world = (uint64_t)(o->tp_size ? o->tp_size : 1) * (o->pp_size ? o->pp_size : 1);
-	return world > 1;
+	return world > 1 || (o->flags & KVRT_OPT_WORKERS_ELSEWHERE);
 }
 
 /* --- worker ----------------------------------------------------------------- */
@@ -1112,9 +1114,9 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 		rc = sched_remote_lookup(s, q->hash, q->ns, r->tokens, n, &res);
 	if (rc == -ENODEV && !s->warned) {
 		s->warned = true;
-		kvrt_warn("kvrt: no kvrt worker '%s' in this process: lookups answer no hit "
-			  "(TP = 1 in another process: set KVRT_LOOKUP_SOCKET=1; saves go on)",
-			  s->instance);
+		kvrt_warn("kvrt: no kvrt worker '%s' in this process and no lookup sockets "
+			  "(KVRT_LOOKUP_SOCKET=0, or an executor kvrt does not know): lookups "
+			  "answer no hit; saves go on", s->instance);
 	}
 	if (rc == -EINPROGRESS) {
 		ret = rc; /* Redis asked: vLLM asks again on a later pass */

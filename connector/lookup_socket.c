@@ -12,6 +12,7 @@
 #include "runtime/bytes.h"
 #include "connector/lookup_socket.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <ev.h>
 #include <fcntl.h>
@@ -22,6 +23,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -162,6 +164,79 @@ static int private_dir(const char *d, bool make)
 	return 0;
 }
 
+static int fill_addr(struct sockaddr_un *sa, const char *path)
+{
+	memset(sa, 0, sizeof(*sa));
+	sa->sun_family = AF_UNIX;
+	size_t l = strlen(path);
+	if (!l || l >= sizeof sa->sun_path)
+		return -ENAMETOOLONG;
+	memcpy(sa->sun_path, path, l);
+	return 0;
+}
+
+/* The instance directory of a socket path (path cut at its last '/'). */
+static void dir_of(char *dir, size_t cap, const char *path)
+{
+	snprintf(dir, cap, "%s", path);
+	char *sl = strrchr(dir, '/');
+	if (sl)
+		*sl = '\0';
+}
+
+/* What killed processes left in kvrt's socket base (the instance
+ * directory's parent, private to this user; kvrt_lsock_path checked it): sockets nobody listens on are removed,
+ * then instance directories left empty, except own (being set up) and
+ * those changed in the last minute (another engine may be starting there:
+ * its rank sockets are not bound yet). vLLM's engine_id is a fresh uuid per
+ * start, so without this every killed server left a directory behind. */
+#define _SWEEP_AGE_S 60
+static void sweep_stale(const char *own_dir)
+{
+	char base[sizeof(((struct sockaddr_un *)0)->sun_path)];
+	dir_of(base, sizeof base, own_dir);
+	DIR *d = opendir(base);
+	if (!d)
+		return;
+	time_t now = time(NULL);
+	struct dirent *de;
+	while ((de = readdir(d))) {
+		if (de->d_name[0] == '.')
+			continue;
+		char sub[sizeof base];
+		int n = snprintf(sub, sizeof sub, "%s/%s", base, de->d_name);
+		struct stat st;
+		if (n < 0 || (size_t)n >= sizeof sub || !strcmp(sub, own_dir) || lstat(sub, &st) ||
+		    !S_ISDIR(st.st_mode) || st.st_uid != geteuid())
+			continue;
+		bool old = now - st.st_mtime >= _SWEEP_AGE_S; /* before unlinks touch it */
+		DIR *sd = opendir(sub);
+		if (!sd)
+			continue;
+		struct dirent *se;
+		while ((se = readdir(sd))) {
+			char f[sizeof base];
+			struct sockaddr_un sa;
+			n = snprintf(f, sizeof f, "%s/%s", sub, se->d_name);
+			if (se->d_name[0] == '.' || n < 0 || (size_t)n >= sizeof f || fill_addr(&sa, f))
+				continue;
+			int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+			if (fd < 0)
+				continue;
+			struct stat fs;
+			bool dead = !lstat(f, &fs) && S_ISSOCK(fs.st_mode) &&
+				    connect(fd, (const struct sockaddr *)&sa, sizeof sa) && errno == ECONNREFUSED;
+			close(fd);
+			if (dead && !unlink(f))
+				kvrt_info("kvrt: removed the stale lookup socket %s", f);
+		}
+		closedir(sd);
+		if (old)
+			rmdir(sub); /* only when empty */
+	}
+	closedir(d);
+}
+
 int kvrt_lsock_path(char *buf, size_t cap, const char *instance, uint32_t rank, bool make_dirs)
 {
 	struct sockaddr_un sa;
@@ -199,19 +274,12 @@ int kvrt_lsock_path(char *buf, size_t cap, const char *instance, uint32_t rank, 
 	char dir[sizeof sa.sun_path];
 	memcpy(dir, buf, (size_t)n + 1);
 	*strrchr(dir, '/') = '\0';
-	return private_dir(dir, true);
+	rc = private_dir(dir, true);
+	if (!rc)
+		sweep_stale(dir);
+	return rc;
 }
 
-static int fill_addr(struct sockaddr_un *sa, const char *path)
-{
-	memset(sa, 0, sizeof(*sa));
-	sa->sun_family = AF_UNIX;
-	size_t l = strlen(path);
-	if (!l || l >= sizeof sa->sun_path)
-		return -ENAMETOOLONG;
-	memcpy(sa->sun_path, path, l);
-	return 0;
-}
 
 /* --- server ----------------------------------------------------------------- */
 
@@ -500,6 +568,11 @@ void kvrt_lsock_server_stop(struct kvrt_lsock_server *s)
 	/* Another server may have replaced a socket it thought stale. */
 	if (!lstat(s->path, &st) && st.st_dev == s->dev && st.st_ino == s->ino)
 		unlink(s->path);
+	/* The instance directory goes with its last rank (rmdir refuses
+	 * while other ranks' sockets are there). */
+	char dir[sizeof s->path];
+	dir_of(dir, sizeof dir, s->path);
+	rmdir(dir);
 	free(s->tok);
 	free(s);
 }

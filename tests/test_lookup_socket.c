@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
+#include <utime.h>
 
 #include "connector/lookup_socket.h"
 #include "tests/test_pipeline_util.h"
@@ -406,6 +407,66 @@ Test(lookup_socket, ask_again_is_relayed)
 	kvrt_lsock_client_destroy(c);
 	kvrt_lsock_server_stop(srv);
 	preq_fini(&g, &a);
+	prig_down(&g);
+	rmtree(d);
+}
+
+/* A dead process's socket at base/name/rank0.sock (bound, never unlinked),
+ * its directory's mtime set `age` seconds back. */
+static void dead_socket_dir(const char *base, const char *name, int age)
+{
+	char dir[256], sock[300];
+	snprintf(dir, sizeof dir, "%s/%s", base, name);
+	cr_assert_eq(mkdir(dir, 0700), 0);
+	snprintf(sock, sizeof sock, "%s/rank0.sock", dir);
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	cr_assert_lt(strlen(sock), sizeof sa.sun_path);
+	memcpy(sa.sun_path, sock, strlen(sock) + 1);
+	int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	cr_assert_eq(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+	close(fd); /* connect now refused: a dead server's socket */
+	time_t t = time(NULL) - age;
+	struct utimbuf u = {t, t};
+	cr_assert_eq(utime(dir, &u), 0);
+}
+
+/* vLLM's engine_id is a fresh uuid per start: a server's directory goes
+ * with it, and what a killed process left (a socket nobody listens on, in
+ * a directory untouched for a minute) is cleaned when a worker sets up its
+ * own; a directory changed just now (an engine starting) is left alone. */
+Test(lookup_socket, runtime_dirs_do_not_leak)
+{
+	struct prig g;
+	prig_up(&g, &SPEC, cfg16(), 11);
+	char d[64], base[128], p[256];
+	tmpdir(d, sizeof d);
+	char *saved = getenv("XDG_RUNTIME_DIR") ? strdup(getenv("XDG_RUNTIME_DIR")) : NULL;
+	setenv("XDG_RUNTIME_DIR", d, 1);
+	snprintf(base, sizeof base, "%s/kvrt", d);
+	cr_assert_eq(kvrt_lsock_path(p, sizeof p, "engine-a", 0, true), 0);
+	struct kvrt_lsock_server *srv;
+	cr_assert_eq(kvrt_lsock_server_start(&srv, g.e, p), 0);
+	kvrt_lsock_server_stop(srv);
+	char dir[300];
+	snprintf(dir, sizeof dir, "%s/engine-a", base);
+	cr_assert_neq(access(dir, F_OK), 0, "the instance directory outlived its server");
+
+	dead_socket_dir(base, "killed", 120);
+	dead_socket_dir(base, "starting", 0);
+	cr_assert_eq(kvrt_lsock_path(p, sizeof p, "engine-b", 0, true), 0);
+	snprintf(dir, sizeof dir, "%s/killed", base);
+	cr_assert_neq(access(dir, F_OK), 0, "a killed process's directory was kept");
+	snprintf(dir, sizeof dir, "%s/starting/rank0.sock", base);
+	cr_assert_neq(access(dir, F_OK), 0, "its dead socket is removed");
+	snprintf(dir, sizeof dir, "%s/starting", base);
+	cr_assert_eq(access(dir, F_OK), 0, "a directory changed just now is kept");
+	snprintf(dir, sizeof dir, "%s/engine-b", base);
+	cr_assert_eq(access(dir, F_OK), 0);
+	if (saved)
+		setenv("XDG_RUNTIME_DIR", saved, 1);
+	else
+		unsetenv("XDG_RUNTIME_DIR");
+	free(saved);
 	prig_down(&g);
 	rmtree(d);
 }

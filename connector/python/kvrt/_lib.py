@@ -24,7 +24,10 @@ class Options(C.Structure):
                 ("pp_rank", C.c_uint32), ("pp_size", C.c_uint32),
                 ("block_size", C.c_uint32),
                 ("keys", C.POINTER(C.c_char_p)), ("values", C.POINTER(C.c_char_p)),
-                ("num_keys", C.c_uint32)]
+                ("num_keys", C.c_uint32), ("flags", C.c_uint32)]
+
+
+OPT_WORKERS_ELSEWHERE = 1  # kvrt.h: KVRT_OPT_WORKERS_ELSEWHERE
 
 
 class Bytes(C.Structure):
@@ -141,14 +144,14 @@ def lib():
 
 
 def options(instance, model_id, dtype, block_size, extra: dict, tp_rank=0, tp_size=1,
-            pp_rank=0, pp_size=1):
+            pp_rank=0, pp_size=1, flags=0):
     """An Options struct plus the objects that must outlive it."""
     keys = [str(k).encode() for k in extra]
     vals = [_text(v).encode() for v in extra.values()]
     ka = (C.c_char_p * max(1, len(keys)))(*keys)
     va = (C.c_char_p * max(1, len(vals)))(*vals)
     o = Options(instance.encode(), model_id.encode(), dtype.encode(), tp_rank, tp_size,
-                pp_rank, pp_size, block_size, ka, va, len(keys))
+                pp_rank, pp_size, block_size, ka, va, len(keys), flags)
     return o, (keys, vals, ka, va)
 
 

