@@ -1217,7 +1217,7 @@ int kvrt_sched_after_alloc(struct kvrt_sched *s, const struct kvrt_request *r, c
 	 * update_state_after_alloc. */
 	uint32_t start = num_computed == KVRT_SCHED_FROM_LOOKUP ? q->lookup_computed : num_computed;
 	uint32_t end = start + num_external;
-	if (!q->looked_up || start != q->lookup_computed || num_external > q->lookup_matched || !q->hit ||
+	if (!q->looked_up || start != q->lookup_computed || num_external > q->lookup_matched ||
 	    end > q->hit || end > r->num_tokens || (end + s->bs - 1) / s->bs > num_blocks ||
 	    end < start) {
 		if (!s->warned_alloc) {
