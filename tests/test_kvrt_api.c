@@ -107,6 +107,25 @@ static struct kvrt_request req(const char *id, const uint32_t *tok, const char *
 				     .cache_salt = {salt, salt ? strlen(salt) : 0}};
 }
 
+/* Fill blocks blk[0..n) of both layers with -7 (a load must overwrite). */
+static void poison(struct rig *g, const int32_t *blk, int n)
+{
+	for (int l = 0; l < 2; l++)
+		for (int k = 0; k < n; k++)
+			for (uint32_t i = 0; i < H * BS * 2 * D; i++)
+				slot(g, l, (uint32_t)blk[k], 0, 0)[i] = -7.0f;
+}
+
+/* After the requests finished: the worker's stats, no pins left. */
+static struct kvrt_stats no_pins_left(struct rig *g)
+{
+	cr_assert_eq(kvrt_worker_flush(g->w), 0);
+	struct kvrt_stats st;
+	kvrt_worker_stats(g->w, &st);
+	cr_assert_eq(st.pinned, 0u, "%llu pins left", (unsigned long long)st.pinned);
+	return st;
+}
+
 /* Save request A (blocks 1..3), then request B's lookup. */
 static void save_a(struct rig *g, const uint32_t *tok, const int32_t *ablk)
 {
@@ -154,11 +173,7 @@ Test(kvrt_api, hit_loads_same_bytes_salt_misses_no_pins)
 	cr_assert_eq(kvrt_sched_lookup(g.s, &b, 0, &n, &as), 0); /* idempotent */
 	cr_assert_eq(n, 32u);
 	cr_assert(!as);
-	/* Poison B's blocks, then load. */
-	for (int l = 0; l < 2; l++)
-		for (int k = 0; k < 2; k++)
-			for (uint32_t i = 0; i < H * BS * 2 * D; i++)
-				slot(&g, l, (uint32_t)bblk[k], 0, 0)[i] = -7.0f;
+	poison(&g, bblk, 2); /* then load */
 	cr_assert_eq(kvrt_sched_after_alloc(g.s, &b, bblk, 3, 0, 32), 0);
 	const void *m;
 	size_t len;
@@ -467,10 +482,7 @@ static void local_hit_rig(struct rig *g, const char *inst, uint32_t *tok, int32_
 	bool as;
 	cr_assert_eq(kvrt_sched_lookup(g->s, b, BS, &n, &as), 0);
 	cr_assert_eq(n, 16u, "kvrt adds chunk 1 to the 16-token local hit");
-	for (int l = 0; l < 2; l++)
-		for (int k = 0; k < 2; k++)
-			for (uint32_t i = 0; i < H * BS * 2 * D; i++)
-				slot(g, l, (uint32_t)bblk[k], 0, 0)[i] = -7.0f;
+	poison(g, bblk, 2);
 }
 
 static void local_hit_step(struct rig *g)
@@ -511,11 +523,7 @@ Test(kvrt_api, load_starts_at_the_lookups_local_hit)
 				}
 		bool delay;
 		cr_assert_eq(kvrt_sched_finished(g.s, "B", 1, &delay), 0);
-		cr_assert_eq(kvrt_worker_flush(g.w), 0);
-		struct kvrt_stats st;
-		kvrt_worker_stats(g.w, &st);
-		cr_assert_eq(st.pinned, 0u);
-		cr_assert_eq(st.load_tokens, 16u);
+		cr_assert_eq(no_pins_left(&g).load_tokens, 16u);
 		rig_down(&g);
 	}
 }
@@ -532,10 +540,7 @@ Test(kvrt_api, after_alloc_refuses_a_range_the_lookup_did_not_give)
 	struct kvrt_request b;
 	local_hit_rig(&g, "t-refuse", tok, ablk, bblk, &b);
 	cr_assert_eq(kvrt_sched_after_alloc(g.s, &b, bblk, 3, 0, 16), -EINVAL);
-	cr_assert_eq(kvrt_worker_flush(g.w), 0);
-	struct kvrt_stats st;
-	kvrt_worker_stats(g.w, &st);
-	cr_assert_eq(st.pinned, 0u, "a refused load keeps no pins");
+	no_pins_left(&g); /* a refused load keeps none */
 	local_hit_step(&g);
 	int64_t errs[8];
 	size_t ne = kvrt_worker_load_errors(g.w, errs, 8);
@@ -543,8 +548,7 @@ Test(kvrt_api, after_alloc_refuses_a_range_the_lookup_did_not_give)
 	cr_assert(errs[0] == 7 && errs[1] == 8);
 	for (int l = 0; l < 2; l++)
 		cr_assert_eq(*slot(&g, l, (uint32_t)bblk[1], 0, 0), -7.0f, "a refused load wrote");
-	kvrt_worker_stats(g.w, &st);
-	cr_assert_eq(st.load_tokens, 0u);
+	cr_assert_eq(no_pins_left(&g).load_tokens, 0u);
 
 	/* More than the lookup matched. */
 	uint32_t n;
@@ -564,9 +568,6 @@ Test(kvrt_api, after_alloc_refuses_a_range_the_lookup_did_not_give)
 	cr_assert_eq(errs[0], 7);
 	cr_assert_eq(kvrt_sched_finished(g.s, "B", 1, &delay), 0);
 	cr_assert_eq(kvrt_sched_finished(g.s, "Z", 1, &delay), 0);
-	cr_assert_eq(kvrt_worker_flush(g.w), 0);
-	kvrt_worker_stats(g.w, &st);
-	cr_assert_eq(st.pinned, 0u);
-	cr_assert_eq(st.load_tokens, 0u);
+	cr_assert_eq(no_pins_left(&g).load_tokens, 0u);
 	rig_down(&g);
 }
