@@ -117,6 +117,15 @@ struct kvrt_engine_config {
 	/* ... and on the evict actor before it serves a room request. */
 	void (*on_room)(void *ctx);
 	void *hook_ctx;              /* first argument of both */
+	/* Test instrumentation of loads (the connector sets them from
+	 * KVRT_DEBUG; 0/false: off, the default). The first
+	 * debug_corrupt_loads chunks loaded have their CPU copy overwritten
+	 * before the checksum is checked, as memory corruption would (their
+	 * loads fail and are recomputed); with debug_perturb_loads every chunk
+	 * loaded is overwritten and scattered without the check (vLLM then
+	 * reads wrong KV: the proof that the model reads what kvrt loads). */
+	uint32_t debug_corrupt_loads;
+	bool debug_perturb_loads;
 };
 
 /* What a lookup found. tokens_now <= tokens. */

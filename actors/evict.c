@@ -23,10 +23,14 @@
 /* Writer-only entry flags beyond the index's (entry->flags). */
 enum {
 	F_ON_DISK = 1u << 8, /* a verified copy is in the disk tier */
-	F_LOST = 1u << 9,    /* the disk copy is gone and the entry is disk-only: retire when unpinned */
+	F_LOST = 1u << 9,    /* the entry must go (a disk-only entry whose file is gone, or a CPU
+			      * copy a load found corrupt): retire when unpinned and idle */
 	F_RWRITING = 1u << 10, /* write-behind to Redis in flight: slab read, never evicted */
 	F_RLIST = 1u << 11,  /* a REMOTE entry, in ev->rl (owner_data: when indexed) */
 	F_RLOST = 1u << 12,  /* REMOTE entry whose read failed: retire when unpinned */
+	F_DISCARD = 1u << 13, /* CPU copy a load found corrupt (also F_LOST): never served again */
+	F_DETACHED = 1u << 14, /* out of the index while pinned (kvrt_index_detach): in ev->lost
+				* until its pins are gone, then its slab and the entry are freed */
 };
 
 /* REMOTE entries nobody promoted are dropped after this (unpinned). */
@@ -123,6 +127,7 @@ struct kvrt_evict {
 	STAT(ev, remote_misses);
 	STAT(ev, remote_errors);
 	STAT(ev, remote_entries);
+	STAT(ev, discarded);
 };
 #undef STAT
 
@@ -179,7 +184,7 @@ static void lost_add(struct kvrt_evict *ev, struct kvrt_index_entry *e)
 		uint32_t cap = ev->lost_cap ? 2 * ev->lost_cap : 64;
 		struct kvrt_index_entry **l = realloc(ev->lost, cap * sizeof(*l));
 		if (!l) {
-			kvrt_warn("evict: no memory to track a lost disk chunk; it stays a disk hit that fails to load");
+			kvrt_warn("evict: no memory to track a chunk to drop; it stays a hit that fails to load");
 			return;
 		}
 		ev->lost = l;
@@ -189,14 +194,42 @@ static void lost_add(struct kvrt_evict *ev, struct kvrt_index_entry *e)
 	ev->lost[ev->lost_n++] = e;
 }
 
-/* Disk-only entries whose file is gone: retire those no longer pinned. */
+/* A discarded CPU entry leaves the index now, pinned or not (no lookup
+ * finds it, a fresh copy of its key may be admitted); its slab stays until
+ * its pins are gone (lost_sweep). Its disk copy goes at once. */
+static void discard_detach(struct kvrt_evict *ev, struct kvrt_index_entry *e)
+{
+	kvrt_index_detach(ev->idx, e);
+	e->flags |= F_DETACHED;
+	DEC(ev, cpu_entries);
+	if ((e->flags & F_ON_DISK) && ev->disk)
+		(void)kvrt_disk_remove(ev->disk, e->key);
+	e->flags &= ~F_ON_DISK;
+	ev->removed++;
+}
+
+/* Lost entries: retire those no longer pinned nor read or written by a
+ * tier (a slab a disk or Redis write still reads is freed only after it);
+ * a discarded one still pinned leaves the index at once (detached); a
+ * detached one is freed with its slab when its last pin is gone. */
 static void lost_sweep(struct kvrt_evict *ev)
 {
 	uint32_t j = 0;
 	for (uint32_t i = 0; i < ev->lost_n; i++) {
 		struct kvrt_index_entry *e = ev->lost[i];
-		if ((e->flags & KVRT_INDEX_F_READING) || !retire(ev, e))
-			ev->lost[j++] = e;
+		if (e->flags & F_DETACHED) {
+			uint32_t slab = atomic_load_explicit(&e->slab, memory_order_relaxed);
+			if (kvrt_index_try_release_detached(ev->idx, e)) {
+				kvrt_pool_free(ev->pool, slab);
+				continue;
+			}
+		} else if (!(e->flags & (KVRT_INDEX_F_READING | KVRT_INDEX_F_WRITING | F_RWRITING))) {
+			if (retire(ev, e))
+				continue;
+			if (e->flags & F_DISCARD)
+				discard_detach(ev, e);
+		}
+		ev->lost[j++] = e;
 	}
 	ev->lost_n = j;
 }
@@ -482,6 +515,12 @@ static void on_disk_written(struct kvrt_evict *ev, struct kvrt_chunk_key key, in
 		return;
 	e->flags &= ~KVRT_INDEX_F_WRITING;
 	ev->writing--;
+	if (e->flags & F_LOST) {
+		/* Discarded while it was written: the copy goes with it. */
+		if (status == 0)
+			e->flags |= F_ON_DISK;
+		return;
+	}
 	if (status == 0) {
 		e->flags |= F_ON_DISK;
 		if (kvrt_index_try_demote(e, KVRT_TIER_DISK)) {
@@ -762,6 +801,23 @@ static int on_clear(struct kvrt_evict *ev, uint64_t *dropped, uint64_t *kept)
 	return 0;
 }
 
+/* A load found key's CPU copy corrupt: it leaves the index (and its disk
+ * copy with it) now, pinned or not; while a tier still reads its slab it
+ * stays until that write ends (lost_sweep). */
+static void on_discard(struct kvrt_evict *ev, struct kvrt_chunk_key key)
+{
+	struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
+	if (!e || (e->flags & F_LOST) || kvrt_index_entry_tier(e) != KVRT_TIER_CPU)
+		return; /* gone, going, or only in a lower tier now */
+	lost_add(ev, e); /* first: with no memory to track it, it stays */
+	if (!(e->flags & F_LOST))
+		return;
+	INC(ev, discarded);
+	e->flags |= F_DISCARD;
+	kvrt_policy_remove(ev->pol, e); /* no-op while a tier writes it */
+	lost_sweep(ev);
+}
+
 static void housekeeping(struct kvrt_evict *ev)
 {
 	if (ev->cfg.pin_timeout_ns) {
@@ -824,6 +880,9 @@ static void handle(struct kvrt_actor *a, struct kvrt_msg *m)
 		kvrt_pool_refill(ev->pool, 0);
 		break;
 	}
+	case KVRT_EVICT_DISCARD:
+		on_discard(ev, (struct kvrt_chunk_key){.lo = m->arg.u64[0], .hi = m->arg.u64[1]});
+		break;
 	case KVRT_EVICT_CLEAR: {
 		uint64_t d = 0, k = 0;
 		status = on_clear(ev, &d, &k);
@@ -920,6 +979,7 @@ static const char *msg_name(uint32_t type)
 	case KVRT_EVICT_RUN: return "run";
 	case KVRT_EVICT_SYNC: return "sync";
 	case KVRT_EVICT_CLEAR: return "clear";
+	case KVRT_EVICT_DISCARD: return "discard";
 	case KVRT_EVICT_ROOM: return "room";
 	case _MSG_REINDEX: return "reindex";
 	case _MSG_DETACH: return "detach";
@@ -1097,6 +1157,11 @@ void kvrt_evict_destroy(struct kvrt_evict *ev)
 		kvrt_disk_close(ev->disk_owner);
 	}
 	kvrt_actor_destroy(ev->actor);
+	/* Detached entries are out of the index: theirs to free (their pins'
+	 * owners are gone with the requests; the index never reads them). */
+	for (uint32_t i = 0; i < ev->lost_n; i++)
+		if (ev->lost[i]->flags & F_DETACHED)
+			kvrt_index_entry_free(ev->idx, ev->lost[i]);
 	kvrt_policy_destroy(ev->pol);
 	free(ev->skip);
 	free(ev->lost);
@@ -1156,6 +1221,14 @@ int kvrt_evict_remote_find(struct kvrt_evict *ev, const struct kvrt_chunk_key *k
 		return -EAGAIN;
 	}
 	return 0;
+}
+
+int kvrt_evict_discard(struct kvrt_evict *ev, struct kvrt_chunk_key key)
+{
+	struct kvrt_msg m = {.type = KVRT_EVICT_DISCARD};
+	m.arg.u64[0] = key.lo;
+	m.arg.u64[1] = key.hi;
+	return kvrt_actor_try_post(ev->actor, &m) ? 0 : -EAGAIN;
 }
 
 int kvrt_evict_clear(struct kvrt_evict *ev, uint64_t *dropped, uint64_t *kept)
@@ -1224,6 +1297,7 @@ void kvrt_evict_stats(struct kvrt_evict *ev, struct kvrt_evict_stats *out)
 	out->remote_misses = GET(ev, remote_misses);
 	out->remote_errors = GET(ev, remote_errors);
 	out->remote_entries = GET(ev, remote_entries);
+	out->discarded = GET(ev, discarded);
 	struct kvrt_pool_stats ps;
 	kvrt_pool_stats(ev->pool, &ps);
 	out->slabs = ps.slabs;

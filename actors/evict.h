@@ -117,6 +117,7 @@ struct kvrt_evict_stats {
 	uint64_t remote_errors;   /* reads / finds that failed otherwise (corrupt,
 				   * timeout, connection) */
 	uint64_t remote_entries;  /* REMOTE entries indexed now */
+	uint64_t discarded;       /* CPU chunks dropped because a load found them corrupt */
 	uint32_t slabs;           /* pool slabs */
 	uint32_t slabs_free;      /* on the free list or in the ring */
 };
@@ -131,6 +132,7 @@ enum kvrt_evict_msg {
 	KVRT_EVICT_REMOTE_FIND, /* EXISTS a key list in Redis; index what it holds */
 	KVRT_EVICT_CLEAR,       /* retire every entry not pinned nor in flight */
 	KVRT_EVICT_ROOM,        /* free n slabs (evicting) into the ring; reply */
+	KVRT_EVICT_DISCARD,     /* a reader found a CPU chunk corrupt: drop it */
 	KVRT_EVICT_DISK_BASE = 64, /* + enum kvrt_disk_event (disk completions) */
 	KVRT_EVICT_REMOTE_BASE = 80, /* + enum kvrt_remote_event (remote completions) */
 };
@@ -178,6 +180,14 @@ int kvrt_evict_remote_find(struct kvrt_evict *ev, const struct kvrt_chunk_key *k
  * because pinned or in flight. 0, -ENOMEM, or the post's error (-ETIMEDOUT,
  * -ESHUTDOWN). Any thread but the actor's own. */
 int kvrt_evict_clear(struct kvrt_evict *ev, uint64_t *dropped, uint64_t *kept);
+/* A reader found the CPU copy of key corrupt (its checksum failed on load):
+ * the chunk leaves the index and the disk tier at once, or as soon as the
+ * pins and copies in flight on it are gone (a later lookup may still be
+ * promised it until then; its load fails the checksum again and is
+ * recomputed). The next save of key admits a fresh copy. Any thread but the
+ * actor's; a try-post: -EAGAIN when the mailbox is full (the chunk then
+ * fails its checksum again on a later load, which posts again). */
+int kvrt_evict_discard(struct kvrt_evict *ev, struct kvrt_chunk_key key);
 /* Whether a remote tier is configured. */
 bool kvrt_evict_has_remote(const struct kvrt_evict *ev);
 /* Run an eviction pass and wait for it (tests, after releasing pins). */

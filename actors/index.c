@@ -519,6 +519,33 @@ bool kvrt_index_try_retire(struct kvrt_index *idx, struct kvrt_index_entry *e)
 	return true;
 }
 
+void kvrt_index_detach(struct kvrt_index *idx, struct kvrt_index_entry *e)
+{
+	/* acq_rel, as retire: a pin that comes after sees DEAD and fails. */
+	uint64_t s = atomic_fetch_or_explicit(&e->state, KVRT_INDEX_DEAD, memory_order_acq_rel);
+	KVRT_ASSERT(!(s & KVRT_INDEX_DEAD));
+	unsigned long h = CK_HS_HASH(&idx->hs, hs_hash, &e->key);
+	_writer_idx = idx;
+	void *removed = ck_hs_remove(&idx->hs, h, &e->key);
+	_writer_idx = NULL;
+	KVRT_ASSERT(removed == e);
+}
+
+bool kvrt_index_try_release_detached(struct kvrt_index *idx, struct kvrt_index_entry *e)
+{
+	/* acquire: the last pinner's reads (its release unpin) happen before
+	 * the caller reuses the slab. */
+	uint64_t s = atomic_load_explicit(&e->state, memory_order_acquire);
+	KVRT_ASSERT(s & KVRT_INDEX_DEAD);
+	if (kvrt_index_state_pins(s))
+		return false;
+	_writer_idx = idx;
+	idx->pending++;
+	ck_epoch_call(&idx->wrec, &e->epoch_entry, entry_free_cb);
+	_writer_idx = NULL;
+	return true;
+}
+
 bool kvrt_index_try_demote(struct kvrt_index_entry *e, enum kvrt_tier to)
 {
 	uint64_t s = atomic_load_explicit(&e->state, memory_order_acquire);

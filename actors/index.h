@@ -19,7 +19,10 @@
  * succeeds only with zero pins and sets DEAD; after that no pin succeeds, the
  * entry is removed from the set and freed through ck_epoch once every reader
  * section that could have seen it has ended. So a pin either succeeds on a
- * live entry that then cannot be evicted, or fails (a miss).
+ * live entry that then cannot be evicted, or fails (a miss). A detached
+ * entry (kvrt_index_detach) is DEAD and out of the set while still pinned:
+ * new pins fail at once, the pins held stay valid, and the writer frees it
+ * when the last one is gone.
  *
  * State word (entry->state, one atomic u64):
  *     bits  0..31  pin count
@@ -175,6 +178,15 @@ struct kvrt_index_entry *kvrt_index_find(struct kvrt_index *idx, struct kvrt_chu
 /* Retire e if unpinned: mark DEAD, remove it, free it after the grace
  * period (e must not be used by the caller afterwards). false: pinned. */
 bool kvrt_index_try_retire(struct kvrt_index *idx, struct kvrt_index_entry *e);
+/* Take e out of the set now, pinned or not: from here on lookups miss it
+ * (pins fail: DEAD) and a new entry for its key may be inserted, while the
+ * pins already held stay valid (the caller keeps e's slab until they are
+ * gone). Then kvrt_index_try_release_detached frees it. For an entry that
+ * must not be served again (a copy found corrupt). */
+void kvrt_index_detach(struct kvrt_index *idx, struct kvrt_index_entry *e);
+/* Free detached e once its last pin is gone (after the grace period, as a
+ * retired entry). false: still pinned, nothing changed. */
+bool kvrt_index_try_release_detached(struct kvrt_index *idx, struct kvrt_index_entry *e);
 /* CPU -> to (DISK or REMOTE) if unpinned; the slab then belongs to the
  * caller again. false: pinned (or not CPU). */
 bool kvrt_index_try_demote(struct kvrt_index_entry *e, enum kvrt_tier to);

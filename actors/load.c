@@ -98,6 +98,7 @@ struct kvrt_load {
 	struct kvrt_completion *drain; /* DRAIN's reply, once idle */
 	ev_timer tick;                 /* polls promotions */
 	struct _hook *hooks;           /* [L] */
+	uint32_t corrupt_left;         /* debug_corrupt_loads still to do */
 };
 
 static int ensure(struct kvrt_load *l, size_t n)
@@ -235,8 +236,18 @@ static uint32_t promote_result(const struct _lchunk *ch, uint32_t n)
 	return n;
 }
 
+/* Test instrumentation (debug_corrupt_loads / debug_perturb_loads): the
+ * chunk's CPU copy becomes a constant pattern, finite in every float
+ * format (0x3f bytes: 0.75 in fp32, fp16 and bf16), unlike its KV. */
+static void debug_overwrite(void *addr, uint64_t bytes)
+{
+	memset(addr, 0x3f, bytes);
+}
+
 /* Add chunks ch[0..n) of a request to plan p. Returns how many were added
- * (the first that cannot be stops it). */
+ * (the first that cannot be stops it). A chunk failing its checksum is
+ * discarded (the evict actor drops it from the index and the disk tier):
+ * later lookups miss it, and the recompute's save caches a good copy. */
 static uint32_t add_chunks(struct kvrt_load *l, struct kvrt_device_plan *p, const struct _lchunk *ch,
 			   uint32_t n, const int32_t *blk, uint32_t nblk)
 {
@@ -250,11 +261,20 @@ static uint32_t add_chunks(struct kvrt_load *l, struct kvrt_device_plan *p, cons
 			return i;
 		uint32_t slab = atomic_load_explicit(&c->e->slab, memory_order_relaxed);
 		void *addr = kvrt_pool_addr(e->pool, slab);
-		if (e->cfg.verify_checksums && c->e->checksum &&
-		    XXH3_64bits(addr, c->e->bytes) != c->e->checksum) {
+		if (KVRT_UNLIKELY(l->corrupt_left)) {
+			l->corrupt_left--;
+			debug_overwrite(addr, c->e->bytes);
+		}
+		if (KVRT_UNLIKELY(e->cfg.debug_perturb_loads)) {
+			debug_overwrite(addr, c->e->bytes);
+		} else if (e->cfg.verify_checksums && c->e->checksum &&
+			   XXH3_64bits(addr, c->e->bytes) != c->e->checksum) {
 			char hex[33];
 			kvrt_key_format(c->key, hex);
-			kvrt_error("load: chunk %s fails its checksum: not loaded", hex);
+			int drc = kvrt_evict_discard(e->ev, c->key);
+			kvrt_error("load: chunk %s fails its checksum: not loaded, %s", hex,
+				   drc ? "dropped at its next failure (evict mailbox full)"
+				       : "dropped from the cache (the recompute saves it again)");
 			_KVRT_STAT_ADD(e, st_checksum_failures, 1);
 			return i;
 		}
@@ -608,6 +628,7 @@ int _kvrt_load_create(struct kvrt_engine *e, struct kvrt_load **out)
 	if (!l)
 		return -ENOMEM;
 	l->e = e;
+	l->corrupt_left = e->cfg.debug_corrupt_loads;
 	l->ready_tail = &l->ready;
 	int rc = -ENOMEM;
 	l->hooks = calloc(e->L, sizeof(*l->hooks));

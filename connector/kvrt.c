@@ -164,6 +164,35 @@ static bool lsock_wanted(const struct kvrt_options *o)
 
 /* --- worker ----------------------------------------------------------------- */
 
+/* KVRT_DEBUG (tests only): comma-separated words, each logged as a warning
+ * when the worker starts. corrupt_loads=N: the first N chunks this worker
+ * loads are overwritten in its CPU pool before their checksum is checked
+ * (memory corruption: the loads fail and are recomputed); perturb_loads:
+ * every chunk is overwritten and served without the check (wrong KV: the
+ * negative control of the engine tests). The shim reads
+ * zero_kv_before_load itself. Unknown words are ignored with a warning. */
+static void debug_from_env(struct kvrt_engine_config *ec)
+{
+	const char *v = getenv("KVRT_DEBUG");
+	if (!v || !v[0])
+		return;
+	char buf[256];
+	snprintf(buf, sizeof buf, "%s", v);
+	char *save = NULL;
+	for (char *w = strtok_r(buf, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
+		unsigned n;
+		if (sscanf(w, "corrupt_loads=%u", &n) == 1)
+			ec->debug_corrupt_loads = n;
+		else if (!strcmp(w, "perturb_loads"))
+			ec->debug_perturb_loads = true;
+		else if (strcmp(w, "zero_kv_before_load") != 0) {
+			kvrt_warn("KVRT_DEBUG: '%s' is not a test hook; ignored", w);
+			continue;
+		}
+		kvrt_warn("KVRT_DEBUG: test hook '%s' on (for tests only)", w);
+	}
+}
+
 int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, char *err,
 		       size_t errlen)
 {
@@ -220,12 +249,13 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 		 * the evict actor's mailbox (actors/engine.h). */
 		.mailbox_size = c->mailbox_size,
 	};
+	debug_from_env(&ec);
 	if (c->trace[0]) {
 		int trc = kvrt_trace_start(c->trace);
 		if (!trc)
 			w->trace_owned = true;
 		else if (trc != -EALREADY)
-			kvrt_warn("kvrt: trace '%s' not started (%d)", c->trace, trc);
+			kvrt_warn("trace '%s' not started (%d)", c->trace, trc);
 	}
 	rc = kvrt_engine_create(&w->e, &ec);
 	if (rc) {
@@ -256,12 +286,12 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 		if (!prc)
 			w->lsock_path = strdup(p);
 		if (prc || !w->lsock_path)
-			kvrt_warn("kvrt: worker '%s' rank %u: no lookup socket (%d): the scheduler "
+			kvrt_warn("worker '%s' rank %u: no lookup socket (%d): the scheduler "
 				  "of another process will see no hit", w->instance, w->tp_rank, prc);
 	}
 	char line[2048];
 	kvrt_config_describe(c, line, sizeof line);
-	kvrt_info("kvrt: worker '%s' rank %u: %s", w->instance, w->tp_rank, line);
+	kvrt_info("worker '%s' rank %u: %s", w->instance, w->tp_rank, line);
 	*out = w;
 	return 0;
 fail:
@@ -332,7 +362,7 @@ int kvrt_worker_register(struct kvrt_worker *w, const struct kvrt_tensor *t, uin
 	for (uint32_t i = 0; i < n && !rc; i++) {
 		rc = convert_tensor(&t[i], &kt[i]);
 		if (rc)
-			kvrt_error("kvrt: tensor %u (%s): layout %d with %u dims is not understood", i,
+			kvrt_error("tensor %u (%s): layout %d with %u dims is not understood", i,
 				   t[i].name ? t[i].name : "?", (int)t[i].layout, t[i].ndim);
 	}
 	if (!rc) {
@@ -348,7 +378,7 @@ int kvrt_worker_register(struct kvrt_worker *w, const struct kvrt_tensor *t, uin
 	if (!rc && w->lsock_path) {
 		int src = kvrt_lsock_server_start(&w->lsrv, w->e, w->lsock_path);
 		if (src)
-			kvrt_warn("kvrt: worker '%s' rank %u: cannot serve lookups on %s (%d): the "
+			kvrt_warn("worker '%s' rank %u: cannot serve lookups on %s (%d): the "
 				  "scheduler of another process will see no hit",
 				  w->instance, w->tp_rank, w->lsock_path, src);
 	}
@@ -500,7 +530,7 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 	const uint8_t *tab;
 	uint32_t nreq;
 	if (frame_open(w->frame, len, &v, &tab, &nreq)) {
-		kvrt_error("kvrt: step metadata of %zu bytes is not kvrt's: nothing bound", len);
+		kvrt_error("step metadata of %zu bytes is not kvrt's: nothing bound", len);
 		kvrt_engine_bind_step(w->e, &(struct kvrt_step_plan){0});
 		return -EBADMSG;
 	}
@@ -517,7 +547,7 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 			struct _kvrt_rt rt;
 			struct _kvrt_rtslot *sl = rt_find(w, item.id_hash, &rt);
 			if (!sl) {
-				kvrt_error("kvrt: step metadata names request %.*s without its tokens",
+				kvrt_error("step metadata names request %.*s without its tokens",
 					   (int)item.id_len, item.id);
 				ret = -EINVAL;
 				continue;
@@ -1028,7 +1058,7 @@ int kvrt_sched_reset_cache(struct kvrt_sched *s)
 	pthread_rwlock_unlock(&reg_lock);
 	if (rc)
 		return rc;
-	kvrt_info("kvrt: reset_cache '%s': %llu chunk(s) dropped, %llu kept (pinned or in flight)",
+	kvrt_info("reset_cache '%s': %llu chunk(s) dropped, %llu kept (pinned or in flight)",
 		  s->instance, (unsigned long long)dropped, (unsigned long long)kept);
 	return kept ? -EBUSY : 0;
 }
@@ -1075,11 +1105,11 @@ static int sched_remote_lookup(struct kvrt_sched *s, uint64_t req, uint64_t ns, 
 		free(p);
 		free(pv);
 		if (rc) {
-			kvrt_warn("kvrt: scheduler '%s': no lookup sockets (%d)", s->instance, rc);
+			kvrt_warn("scheduler '%s': no lookup sockets (%d)", s->instance, rc);
 			return -ENODEV;
 		}
 		s->lsock_off = false;
-		kvrt_info("kvrt: scheduler '%s': lookups ask %u rank(s) over their sockets "
+		kvrt_info("scheduler '%s': lookups ask %u rank(s) over their sockets "
 			  "(timeout %u ms)", s->instance, (unsigned)world, ms);
 	}
 	return kvrt_lsock_client_lookup(s->lsock, req, ns, tok, n, res);
@@ -1114,7 +1144,7 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 		rc = sched_remote_lookup(s, q->hash, q->ns, r->tokens, n, &res);
 	if (rc == -ENODEV && !s->warned) {
 		s->warned = true;
-		kvrt_warn("kvrt: no kvrt worker '%s' in this process and no lookup sockets "
+		kvrt_warn("no kvrt worker '%s' in this process and no lookup sockets "
 			  "(KVRT_LOOKUP_SOCKET=0, or an executor kvrt does not know): lookups "
 			  "answer no hit; saves go on", s->instance);
 	}
@@ -1222,7 +1252,7 @@ int kvrt_sched_after_alloc(struct kvrt_sched *s, const struct kvrt_request *r, c
 	    end < start) {
 		if (!s->warned_alloc) {
 			s->warned_alloc = true;
-			kvrt_error("kvrt: request %.*s: vLLM allocated %u external tokens at %u but kvrt's "
+			kvrt_error("request %.*s: vLLM allocated %u external tokens at %u but kvrt's "
 				   "lookup was at %u and matched %u (hit %u): load refused, its blocks "
 				   "reported as load errors (recomputed); logged once",
 				   (int)r->id_len, r->id, num_external, start, q->lookup_computed,
@@ -1277,6 +1307,26 @@ static uint32_t save_range(const struct kvrt_sched *s, const struct _kvrt_sreq_s
 	if (full <= *first)
 		return 0;
 	return full * cs;
+}
+
+int kvrt_sched_rewound(struct kvrt_sched *s, const char *id, uint32_t id_len, uint32_t num_computed)
+{
+	pthread_mutex_lock(&s->mu);
+	uint64_t h = kvrt_meta_id_hash(id, id_len);
+	struct _kvrt_sreq_state *q = *sfind(s, id, id_len, h);
+	int rc = -ENOENT;
+	if (q) {
+		/* Chunks past what vLLM still holds are recomputed: save them
+		 * again (a chunk that failed its load was dropped by the worker;
+		 * one that is still cached is skipped there as already cached). */
+		if (q->saved_chunks > num_computed / s->cs) {
+			q->saved_chunks = num_computed / s->cs;
+			q->tail_saved = false;
+		}
+		rc = 0;
+	}
+	pthread_mutex_unlock(&s->mu);
+	return rc;
 }
 
 uint32_t kvrt_sched_save_need(struct kvrt_sched *s, const char *id, uint32_t id_len,
@@ -1412,7 +1462,7 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 			continue;
 		uint32_t start = first * cs;
 		if (end > r->num_tokens || (end + bs - 1) / bs > sr->num_blocks || !sr->block_ids) {
-			kvrt_error("kvrt: request %.*s: save up to %u beyond its %u tokens / %u blocks",
+			kvrt_error("request %.*s: save up to %u beyond its %u tokens / %u blocks",
 				   (int)r->id_len, r->id, end, r->num_tokens, sr->num_blocks);
 			ret = -EINVAL;
 			continue;
@@ -1484,7 +1534,7 @@ int kvrt_sched_build_meta(struct kvrt_sched *s, const struct kvrt_sched_step *st
 	size_t mlen = 0;
 	rc = kvrt_meta_encode(&p, NULL, 0, &mlen);
 	if (rc && rc != -ENOSPC) {
-		kvrt_error("kvrt: step %llu: metadata refused by the codec (%d): empty step",
+		kvrt_error("step %llu: metadata refused by the codec (%d): empty step",
 			   (unsigned long long)s->step, rc);
 		p.num_loads = p.num_saves = 0;
 		rc = kvrt_meta_encode(&p, NULL, 0, &mlen);

@@ -25,6 +25,7 @@
  *   for each scheduled request: need = kvrt_sched_save_need(s, id, len, computed, prompt);
  *   kvrt_sched_build_meta(s, &step, &bytes, &len);         // build_connector_meta
  *   kvrt_sched_finished(s, id, len, &delay_free);           // request_finished
+ *   kvrt_sched_rewound(s, id, len, computed);              // update_connector_output: load errors
  *   // worker, each step
  *   kvrt_worker_bind(w, bytes, len);                       // bind_connector_metadata
  *   kvrt_worker_start_load(w);                             // start_load_kv
@@ -304,6 +305,12 @@ KVRT_API int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *
 KVRT_API int kvrt_sched_after_alloc(struct kvrt_sched *s, const struct kvrt_request *r,
 				    const int32_t *block_ids, uint32_t num_blocks,
 				    uint32_t num_computed, uint32_t num_external);
+
+/* vLLM rewound request id to num_computed tokens (it recomputes from there
+ * after a load error): the chunks past that point are saved again as they
+ * are recomputed. 0, or -ENOENT (kvrt does not know the request). */
+KVRT_API int kvrt_sched_rewound(struct kvrt_sched *s, const char *id, uint32_t id_len,
+				uint32_t num_computed);
 
 /* How many leading tokens build_meta needs of a scheduled request whose
  * KV will exist for num_computed tokens after this step (0: it saves

@@ -158,7 +158,7 @@ static int private_dir(const char *d, bool make)
 	if (lstat(d, &st))
 		return -errno;
 	if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077)) {
-		kvrt_error("kvrt: %s is not a private directory of this user: no lookup socket", d);
+		kvrt_error("%s is not a private directory of this user: no lookup socket", d);
 		return -EPERM;
 	}
 	return 0;
@@ -228,7 +228,7 @@ static void sweep_stale(const char *own_dir)
 				    connect(fd, (const struct sockaddr *)&sa, sizeof sa) && errno == ECONNREFUSED;
 			close(fd);
 			if (dead && !unlink(f))
-				kvrt_info("kvrt: removed the stale lookup socket %s", f);
+				kvrt_info("removed the stale lookup socket %s", f);
 		}
 		closedir(sd);
 		if (old)
@@ -499,7 +499,7 @@ static int clear_stale(const char *path, const struct sockaddr_un *sa)
 		return -EADDRINUSE; /* someone listens there */
 	if (e != ECONNREFUSED)
 		return -e;
-	kvrt_info("kvrt: replacing the stale lookup socket %s", path);
+	kvrt_info("replacing the stale lookup socket %s", path);
 	if (unlink(path) && errno != ENOENT)
 		return -errno;
 	return 0;
@@ -667,7 +667,7 @@ static void rank_down(struct _rank *r, uint32_t k, const char *why, uint64_t bac
 	r->pending = false;
 	r->retry_ns = backoff_until;
 	if (r->state != _DOWN)
-		kvrt_warn("kvrt: lookup socket %s (rank %u) %s: its lookups answer no hit%s", r->sa.sun_path,
+		kvrt_warn("lookup socket %s (rank %u) %s: its lookups answer no hit%s", r->sa.sun_path,
 			  k, why, backoff_until ? " (retried in a few seconds)" : "");
 	r->state = _DOWN;
 }
@@ -675,7 +675,7 @@ static void rank_down(struct _rank *r, uint32_t k, const char *why, uint64_t bac
 static void rank_up(struct _rank *r, uint32_t k)
 {
 	if (r->state == _DOWN)
-		kvrt_info("kvrt: lookup socket %s (rank %u) answers again", r->sa.sun_path, k);
+		kvrt_info("lookup socket %s (rank %u) answers again", r->sa.sun_path, k);
 	r->state = _UP;
 }
 

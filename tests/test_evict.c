@@ -456,3 +456,66 @@ Test(evict, corrupt_and_missing_files_are_misses, .timeout = 60)
 	cr_expect_eq(st.slabs_free + st.cpu_entries, st.slabs);
 	rig_down(&g, false);
 }
+
+/* A chunk a load found corrupt (kvrt_evict_discard): gone from lookups at
+ * once even while a load still pins it, that load's slab untouched until
+ * its pin goes, a fresh copy of the key admitted meanwhile, the old slab
+ * freed after; an unpinned one goes at once; both lose their disk copy. */
+Test(evict, discard_drops_a_corrupt_chunk_pinned_or_not, .timeout = 60)
+{
+	struct rig g;
+	/* 16 slabs, high 12, low 8: 13 admits demote 0..4; two promotions
+	 * stay under the high watermark. */
+	rig_up(&g, 16, KVRT_POLICY_LRU, 0.75, 0.5, true);
+	for (uint64_t i = 0; i < 13; i++)
+		admit(&g, i);
+	for (uint64_t i = 0; i < 5; i++)
+		wait_tier(&g, i, KVRT_TIER_DISK);
+	/* 1 and 2 back in the CPU tier, each with a disk copy. */
+	cr_assert_eq(promote(&g, 1), 0);
+	cr_assert_eq(promote(&g, 2), 0);
+	char f1[512], f2[512];
+	file_of(&g, 1, f1, sizeof f1);
+	file_of(&g, 2, f2, sizeof f2);
+	cr_assert_eq(access(f1, F_OK), 0);
+	struct kvrt_chunk_key k1 = key_of(1), k2 = key_of(2);
+	struct kvrt_index_hit h;
+	cr_assert_eq(kvrt_index_lookup(g.r, &k1, 1, 7, KVRT_INDEX_PIN, &h), 1);
+	cr_assert_eq(h.tier, KVRT_TIER_CPU, "tier %d", h.tier);
+	void *old = kvrt_pool_addr(g.pool, h.slab);
+	struct kvrt_evict_stats st0, st;
+	kvrt_evict_stats(g.ev, &st0);
+	cr_assert_eq(kvrt_evict_discard(g.ev, k1), 0);
+	cr_assert_eq(kvrt_evict_sync(g.ev), 0);
+	cr_assert_not(present(&g, 1), "a discarded chunk is still found");
+	cr_assert_eq(kvrt_index_lookup(g.r, &k1, 1, 8, KVRT_INDEX_PIN, NULL), 0, "pinned after discard");
+	kvrt_evict_stats(g.ev, &st);
+	cr_assert_eq(st.discarded, 1);
+	cr_assert_eq(st.cpu_entries, st0.cpu_entries - 1);
+	cr_assert_eq(st.slabs_free, st0.slabs_free, "the pinned slab was freed under its reader");
+	cr_assert(check(old, k1), "the pinned slab changed");
+	admit(&g, 1); /* the recompute's save: a fresh entry */
+	cr_assert_eq(tier(&g, 1), KVRT_TIER_CPU);
+	kvrt_evict_stats(g.ev, &st);
+	cr_assert_eq(st.admit_dup, 0);
+	cr_assert_eq(st.cpu_entries, st0.cpu_entries);
+	cr_assert_eq(kvrt_index_unpin_owner(g.idx, 7), 1);
+	cr_assert_eq(kvrt_evict_run(g.ev), 0); /* housekeeping: the old slab goes */
+	kvrt_evict_stats(g.ev, &st);
+	cr_assert_eq(st.slabs_free, st0.slabs_free - 1 + 1);
+	/* Unpinned: at once (twice: one drop). */
+	cr_assert_eq(kvrt_evict_discard(g.ev, k2), 0);
+	cr_assert_eq(kvrt_evict_discard(g.ev, k2), 0);
+	cr_assert_eq(kvrt_evict_sync(g.ev), 0);
+	cr_assert_not(present(&g, 2));
+	kvrt_evict_stats(g.ev, &st);
+	cr_assert_eq(st.discarded, 2);
+	cr_assert_eq(st.cpu_entries, st0.cpu_entries - 1);
+	cr_assert_eq(st.slabs_free, st0.slabs_free + 1);
+	uint64_t t0 = kvrt_now_ns();
+	while (access(f1, F_OK) == 0 || access(f2, F_OK) == 0) {
+		cr_assert_lt(kvrt_now_ns() - t0, 10000000000ull, "a discarded chunk's disk copy stays");
+		usleep(1000);
+	}
+	rig_down(&g, false);
+}

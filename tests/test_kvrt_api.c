@@ -1,7 +1,8 @@
 /* tests/test_kvrt_api.c: connector/kvrt.h end to end on host tensors: a
  * scheduler and a worker of one instance save a request's KV, a second
  * request with the same tokens hits, loads it into other blocks byte for
- * byte; another cache_salt misses; a corrupted chunk becomes load errors;
+ * byte; another cache_salt misses; a corrupted chunk becomes load errors,
+ * is dropped, and the recompute's save makes the next request hit;
  * no pins remain; a request that hits saves its chunks beyond the hit;
  * reset_cache drops what no request pins (the rest is kept and reported);
  * a small mailbox_size works; kvrt_worker_step_work says which per-layer
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "connector/kvrt.h"
 #include "tests/test_util.h"
@@ -116,6 +118,17 @@ static void poison(struct rig *g, const int32_t *blk, int n)
 				slot(g, l, (uint32_t)blk[k], 0, 0)[i] = -7.0f;
 }
 
+/* Tokens [t0, t1) hold the same KV in blocks got (by token) as in want. */
+static void same_kv(struct rig *g, const int32_t *got, const int32_t *want, uint32_t t0, uint32_t t1)
+{
+	for (int l = 0; l < 2; l++)
+		for (uint32_t t = t0; t < t1; t++)
+			for (uint32_t h = 0; h < H; h++)
+				cr_assert_eq(memcmp(slot(g, l, (uint32_t)got[t / BS], h, t % BS),
+						    slot(g, l, (uint32_t)want[t / BS], h, t % BS), 2 * D * 4), 0,
+					     "layer %d token %u head %u differs", l, t, h);
+}
+
 /* After the requests finished: the worker's stats, no pins left. */
 static struct kvrt_stats no_pins_left(struct rig *g)
 {
@@ -181,12 +194,7 @@ Test(kvrt_api, hit_loads_same_bytes_salt_misses_no_pins)
 	step_work(&g, m, len, 1); /* a synchronous load, nothing saved */
 	int64_t errs[8];
 	cr_assert_eq(kvrt_worker_load_errors(g.w, errs, 8), 0u);
-	for (int l = 0; l < 2; l++)
-		for (uint32_t t = 0; t < 32; t++)
-			for (uint32_t h = 0; h < H; h++)
-				cr_assert_eq(memcmp(slot(&g, l, (uint32_t)bblk[t / BS], h, t % BS),
-						    slot(&g, l, (uint32_t)ablk[t / BS], h, t % BS), 2 * D * 4), 0,
-					     "layer %d token %u head %u differs", l, t, h);
+	same_kv(&g, bblk, ablk, 0, 32);
 	bool delay;
 	cr_assert_eq(kvrt_sched_finished(g.s, "B", 1, &delay), 0);
 	cr_assert_eq(kvrt_sched_finished(g.s, "C", 1, &delay), 0);
@@ -289,12 +297,7 @@ Test(kvrt_api, hit_request_saves_chunks_beyond_its_hit)
 	cr_assert_eq(st.load_chunks, 6u);
 	cr_assert_eq(st.save_chunks, 5u);
 	cr_assert_eq(st.pinned, 0u);
-	for (int l = 0; l < 2; l++)
-		for (uint32_t t = 2 * BS; t < 4 * BS; t++)
-			for (uint32_t h = 0; h < H; h++)
-				cr_assert_eq(memcmp(slot(&g, l, (uint32_t)cblk[t / BS], h, t % BS),
-						    slot(&g, l, (uint32_t)bblk[t / BS], h, t % BS), 2 * D * 4), 0,
-					     "layer %d token %u head %u differs", l, t, h);
+	same_kv(&g, cblk, bblk, 2 * BS, 4 * BS);
 	rig_down(&g);
 }
 
@@ -322,12 +325,40 @@ Test(kvrt_api, corrupt_chunk_is_a_load_error)
 	size_t ne = kvrt_worker_load_errors(g.w, errs, 8);
 	cr_assert_eq(ne, 1u);
 	cr_assert_eq(errs[0], 11);
+	/* vLLM rewinds B to its first bad block (token 16) and recomputes
+	 * the rest (the harness's forward: A's values, which are right): the
+	 * recompute's save replaces the chunk the worker dropped. */
+	cr_assert_eq(kvrt_sched_rewound(g.s, "B", 1, BS), 0);
+	cr_assert_eq(kvrt_sched_rewound(g.s, "Z", 1, 0), -ENOENT);
+	for (int l = 0; l < 2; l++)
+		for (uint32_t t = BS; t < T; t++)
+			for (uint32_t h = 0; h < H; h++)
+				memcpy(slot(&g, l, (uint32_t)bblk[t / BS], h, t % BS),
+				       slot(&g, l, (uint32_t)ablk[t / BS], h, t % BS), 2 * D * 4);
+	cr_assert_eq(kvrt_sched_save_need(g.s, "B", 1, T, T), 32u, "the recomputed chunk is not saved");
+	struct kvrt_sched_req sr = {.req = b, .num_computed = T, .block_ids = bblk, .num_blocks = 3};
+	cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){&sr, 1, NULL, 0}, &m, &len), 0);
+	step(&g, m, len);
 	bool delay;
 	kvrt_sched_finished(g.s, "B", 1, &delay);
-	kvrt_worker_flush(g.w);
-	struct kvrt_stats st;
-	kvrt_worker_stats(g.w, &st);
-	cr_assert_eq(st.pinned, 0u);
+	cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){0}, &m, &len), 0);
+	step(&g, m, len);
+	struct kvrt_stats st = no_pins_left(&g);
+	cr_assert_eq(st.checksum_failures, 1u);
+	/* The next request with that prefix hits both chunks and loads A's
+	 * bytes, with no second failure. */
+	int32_t cblk[3] = {20, 21, 22};
+	poison(&g, cblk, 2);
+	struct kvrt_request c = req("C", tok, NULL);
+	cr_assert_eq(kvrt_sched_lookup(g.s, &c, 0, &n, &as), 0);
+	cr_assert_eq(n, 32u);
+	cr_assert_eq(kvrt_sched_after_alloc(g.s, &c, cblk, 3, 0, 32), 0);
+	cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){0}, &m, &len), 0);
+	step(&g, m, len);
+	cr_assert_eq(kvrt_worker_load_errors(g.w, errs, 8), 0u, "the corrupt chunk was served again");
+	same_kv(&g, cblk, ablk, 0, 32);
+	kvrt_sched_finished(g.s, "C", 1, &delay);
+	st = no_pins_left(&g);
 	cr_assert_eq(st.checksum_failures, 1u);
 	rig_down(&g);
 }
@@ -347,8 +378,13 @@ Test(kvrt_api, errors_a_user_can_hit)
 	o = opts("t-err");
 	o.block_size = 0;
 	cr_assert_eq(kvrt_sched_create(&s, &o, err, sizeof err), -EINVAL);
-	/* A scheduler without a worker in the process: no hit, no crash. */
+	/* A scheduler without a worker in the process: no hit, no crash, one
+	 * warning, prefixed once ("kvrt: warning: ", not "... kvrt: "). */
 	o = opts("t-alone");
+	char logf[] = "/tmp/kvrt-test-log-XXXXXX";
+	int lfd = mkstemp(logf), saved = dup(2);
+	cr_assert(lfd >= 0 && saved >= 0);
+	cr_assert_eq(dup2(lfd, 2), 2);
 	cr_assert_eq(kvrt_sched_create(&s, &o, err, sizeof err), 0);
 	cr_assert(!kvrt_sched_sees_worker(s));
 	cr_assert_eq(kvrt_sched_reset_cache(s), -ENODEV);
@@ -358,6 +394,14 @@ Test(kvrt_api, errors_a_user_can_hit)
 	bool as = true;
 	cr_assert_eq(kvrt_sched_lookup(s, &r, 0, &n, &as), 0);
 	cr_assert(n == 0 && !as);
+	cr_assert_eq(dup2(saved, 2), 2);
+	close(saved);
+	char logbuf[4096] = {0};
+	ssize_t ln = pread(lfd, logbuf, sizeof logbuf - 1, 0);
+	close(lfd);
+	unlink(logf);
+	cr_assert(ln > 0 && strstr(logbuf, "kvrt: warning: "), "no warning logged: '%s'", logbuf);
+	cr_assert_null(strstr(logbuf, ": kvrt: "), "a doubled prefix: '%s'", logbuf);
 	bool delay;
 	cr_assert_eq(kvrt_sched_finished(s, "X", 1, &delay), 0);
 	cr_assert(!delay);

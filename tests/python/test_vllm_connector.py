@@ -139,6 +139,42 @@ def test_corrupt_chunk_is_recomputed(model_dir):
         eng.run()
         eng.assert_empty()
         assert pins(eng) == 0
+        # The bad chunk was dropped and the recompute saved it again: the
+        # next request with that prompt hits both chunks, loads the right
+        # KV, and nothing fails again.
+        eng.add("C", P)
+        so, s3 = eng.step()
+        assert s3 == {"C": 8}
+        assert H.verify_loaded(eng, "C", 32)
+        drain(eng)
+        assert eng.wc.stats()["checksum_failures"] == 1
+    finally:
+        eng.close()
+
+
+def test_load_wait_counts_only_steps_that_load(model_dir):
+    """load_wait_ms is the time vLLM waited for kvrt's loads: steps that
+    load nothing (a miss, decode) add nothing, not start_load_kv's own
+    call; a loading step does."""
+    class Waited(dict):  # every ns added, also those already reported
+        total = 0
+
+        def __setitem__(self, k, v):
+            if k == "load_wait_ms" and v > self.get(k, 0):
+                Waited.total += v - self.get(k, 0)
+            super().__setitem__(k, v)
+
+    eng = engine(model_dir)
+    eng.wc._track.wait_ns = Waited(eng.wc._track.wait_ns)
+    try:
+        P = H.prompt(12)
+        eng.add("A", P, max_tokens=6)
+        drain(eng)
+        assert Waited.total == 0, f"{Waited.total} ns counted on steps that load nothing"
+        eng.add("B", P)
+        drain(eng)
+        assert eng.wc.stats()["load_chunks"] == 2
+        assert Waited.total > 0
     finally:
         eng.close()
 

