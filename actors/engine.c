@@ -660,6 +660,7 @@ int kvrt_engine_bind_step(struct kvrt_engine *e, const struct kvrt_step_plan *p)
 		kvrt_error("engine: gathers in flight may read blocks vLLM freed on preemption");
 	struct _kvrt_step *st = &e->step;
 	st->gen++;
+	st->plan_step = p ? p->step : 0;
 	st->nreq = 0;
 	st->ntok = st->nblk = st->nkeys = 0;
 	st->nsync = st->nasync = st->nsave = 0;
@@ -938,6 +939,11 @@ static bool try_report(struct kvrt_engine *e, uint64_t id, struct kvrt_finished 
 		e->ls_tombs++;
 	}
 	return true;
+}
+
+uint64_t kvrt_engine_saves_done(const struct kvrt_engine *e)
+{
+	return atomic_load_explicit(&((struct kvrt_engine *)e)->saves_done, memory_order_acquire);
 }
 
 int kvrt_engine_get_finished(struct kvrt_engine *e, const uint64_t *delayed, uint32_t n,

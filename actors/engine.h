@@ -126,6 +126,10 @@ struct kvrt_engine_config {
 	 * reads wrong KV: the proof that the model reads what kvrt loads). */
 	uint32_t debug_corrupt_loads;
 	bool debug_perturb_loads;
+	/* Where kvrt_engine_saves_done's value is also stored (release) each
+	 * time it advances, written by the save actor until destroy returns:
+	 * shared memory a scheduler in another process reads. NULL: none. */
+	_Atomic uint64_t *saves_done_pub;
 };
 
 /* What a lookup found. tokens_now <= tokens. */
@@ -174,9 +178,18 @@ struct kvrt_plan_req {
 struct kvrt_step_plan {
 	const struct kvrt_plan_req *reqs; /* [num_reqs] */
 	uint32_t num_reqs;
+	uint64_t step;  /* the caller's number for this step (the scheduler's,
+			 * increasing; 0 = none): kvrt_engine_saves_done reports
+			 * it once the step's saves are complete */
 	bool preempted; /* vLLM freed preempted requests' blocks before this
 			 * step: gathers still reading them finish first */
 };
+
+/* The plan step (kvrt_step_plan.step) of the newest step with saves whose
+ * copies out of vLLM's blocks, and those of every step before it, are
+ * complete: a request whose last save was in a step <= this no longer needs
+ * its blocks (delay_free may be skipped). 0: none yet. Any thread. */
+uint64_t kvrt_engine_saves_done(const struct kvrt_engine *e);
 
 /* get_finished's answer; arrays are the caller's. Ids that do not fit stay
  * for the next call. */

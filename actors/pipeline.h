@@ -81,6 +81,7 @@ struct _kvrt_sreq {
 /* The bound step (worker thread writes; actors read in their handlers). */
 struct _kvrt_step {
 	uint32_t gen;                 /* step number (wraps) */
+	uint64_t plan_step;           /* the caller's (kvrt_step_plan.step) */
 	struct _kvrt_sreq *reqs;      /* [nreq] */
 	uint32_t nreq, reqs_cap;      /* used, allocated */
 	uint32_t *tokens;             /* token pool */
@@ -142,6 +143,7 @@ struct kvrt_engine {
 	struct _kvrt_pub load_pub KVRT_CL_ALIGNED; /* layers issued (load actor) */
 	struct _kvrt_pub save_pub KVRT_CL_ALIGNED; /* steps whose gathers are issued (save actor) */
 	struct _kvrt_pub save_taken KVRT_CL_ALIGNED; /* SAVE_BEGINs handled: e->step read (save actor) */
+	_Atomic uint64_t saves_done;   /* plan_step of save_completed's step */
 	_Atomic uint32_t save_completed KVRT_CL_ALIGNED; /* gen of the last step whose gathers
 							  * completed (save actor, release) */
 	/* Worker thread only. */

@@ -52,6 +52,7 @@ struct _schunk {
 /* A step whose gathers are in flight. */
 struct _sstep {
 	uint32_t gen;                 /* the step */
+	uint64_t plan_step;           /* its plan's step number */
 	bool complete;                /* every layer was gathered */
 	uint32_t n;                   /* chunks */
 	struct kvrt_stream_post post; /* SAVE_DONE */
@@ -68,6 +69,7 @@ struct kvrt_save {
 	uint32_t flip;                    /* plan of the next step */
 	uint32_t k;                       /* plan of the current step */
 	uint32_t gen;                     /* the current step */
+	uint64_t plan_step;               /* its plan's step number */
 	bool active;                      /* between BEGIN and END */
 	bool failed;                      /* a gather was refused */
 	uint32_t gathered;                /* layers gathered this step */
@@ -210,6 +212,19 @@ static void plan_req(struct kvrt_save *s, const struct _kvrt_step *st, const str
 	}
 }
 
+/* Step gen's gathers, and every earlier step's, are done: get_finished
+ * (acquire) may free their requests' blocks, and the scheduler may skip
+ * delay_free for requests that last saved in it (kvrt_engine_saves_done). */
+static void completed(struct kvrt_engine *e, uint32_t gen, uint64_t plan_step)
+{
+	if (plan_step) {
+		atomic_store_explicit(&e->saves_done, plan_step, memory_order_release);
+		if (e->cfg.saves_done_pub)
+			atomic_store_explicit(e->cfg.saves_done_pub, plan_step, memory_order_release);
+	}
+	atomic_store_explicit(&e->save_completed, gen, memory_order_release);
+}
+
 static void on_begin(struct kvrt_save *s, uint32_t gen)
 {
 	struct kvrt_engine *e = s->e;
@@ -218,6 +233,7 @@ static void on_begin(struct kvrt_save *s, uint32_t gen)
 	s->k = s->flip;
 	s->flip ^= 1;
 	s->gen = gen;
+	s->plan_step = st->plan_step;
 	s->n = 0;
 	s->gathered = 0;
 	s->failed = false;
@@ -284,7 +300,7 @@ static void on_done(struct kvrt_save *s, struct _sstep *t)
 		}
 	}
 	/* release: get_finished (acquire) then knows the gathers are done. */
-	atomic_store_explicit(&e->save_completed, t->gen, memory_order_release);
+	completed(e, t->gen, t->plan_step);
 	free(t);
 }
 
@@ -310,9 +326,10 @@ static void on_end(struct kvrt_save *s, uint32_t gen, bool gather_all)
 		for (size_t i = 0; i < s->n; i++)
 			stash(s, s->ch[i].slab);
 		_KVRT_STAT_ADD(e, st_save_abandoned, s->n);
-		atomic_store_explicit(&e->save_completed, gen, memory_order_release);
+		completed(e, gen, s->plan_step);
 	} else {
 		t->gen = gen;
+		t->plan_step = s->plan_step;
 		t->complete = !s->failed && s->gathered == e->L;
 		t->n = (uint32_t)s->n;
 		memcpy(t->ch, s->ch, s->n * sizeof(t->ch[0]));

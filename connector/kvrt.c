@@ -30,6 +30,7 @@
 #include "connector/config.h"
 #include "connector/lookup_socket.h"
 #include "connector/meta.h"
+#include "connector/saves_done.h"
 #include "runtime/log.h"
 #include "runtime/trace.h"
 
@@ -48,6 +49,7 @@ struct kvrt_worker {
 	bool registered;              /* register succeeded */
 	char *lsock_path;             /* lookup socket to serve once registered, or NULL */
 	struct kvrt_lsock_server *lsrv; /* its server (connector/lookup_socket.h), or NULL */
+	struct kvrt_saves_pub *spub;  /* its saves-done file (connector/saves_done.h), or NULL */
 	bool trace_owned;             /* the trace key started tracing: destroy writes it */
 	/* bind scratch (worker thread) */
 	struct kvrt_plan_req *preqs;  /* plan requests */
@@ -250,6 +252,26 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 		.mailbox_size = c->mailbox_size,
 	};
 	debug_from_env(&ec);
+	if (lsock_wanted(o)) {
+		/* Served from register on (lookups before it find nothing anyway). */
+		char p[128], sp[160];
+		uint32_t tp = o->tp_size ? o->tp_size : 1;
+		int prc = kvrt_lsock_path(p, sizeof p, w->instance, o->pp_rank * tp + o->tp_rank, true);
+		if (!prc)
+			w->lsock_path = strdup(p);
+		if (prc || !w->lsock_path)
+			kvrt_warn("worker '%s' rank %u: no lookup socket (%d): the scheduler "
+				  "of another process will see no hit", w->instance, w->tp_rank, prc);
+		/* The scheduler there learns from this file when a finished
+		 * request's saves are done (else its blocks wait for a step). */
+		_Atomic uint64_t *slot = NULL;
+		if (w->lsock_path && !(prc = kvrt_saves_path(sp, sizeof sp, p)) &&
+		    !(prc = kvrt_saves_pub_create(&w->spub, sp, &slot)))
+			ec.saves_done_pub = slot;
+		else if (w->lsock_path)
+			kvrt_info("worker '%s' rank %u: no saves-done file (%d): finished requests "
+				  "free their blocks a step later", w->instance, w->tp_rank, prc);
+	}
 	if (c->trace[0]) {
 		int trc = kvrt_trace_start(c->trace);
 		if (!trc)
@@ -278,17 +300,6 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 				 w->instance, w->tp_rank, w->pp_rank);
 		goto fail;
 	}
-	if (lsock_wanted(o)) {
-		/* Served from register on (lookups before it find nothing anyway). */
-		char p[128];
-		uint32_t tp = o->tp_size ? o->tp_size : 1;
-		int prc = kvrt_lsock_path(p, sizeof p, w->instance, o->pp_rank * tp + o->tp_rank, true);
-		if (!prc)
-			w->lsock_path = strdup(p);
-		if (prc || !w->lsock_path)
-			kvrt_warn("worker '%s' rank %u: no lookup socket (%d): the scheduler "
-				  "of another process will see no hit", w->instance, w->tp_rank, prc);
-	}
 	char line[2048];
 	kvrt_config_describe(c, line, sizeof line);
 	kvrt_info("worker '%s' rank %u: %s", w->instance, w->tp_rank, line);
@@ -296,6 +307,8 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 	return 0;
 fail:
 	kvrt_engine_destroy(w->e);
+	kvrt_saves_pub_close(w->spub); /* after the engine that stores into it */
+	free(w->lsock_path);
 	if (w->trace_owned)
 		kvrt_trace_stop();
 	free(w->instance);
@@ -627,8 +640,10 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 	for (kvrt_meta_iter_init(&it, &v, KVRT_META_FINISHED); kvrt_meta_iter_next(&it, &item);)
 		if (pend_add(w, item.id_hash, true, item.id, item.id_len))
 			return -ENOMEM;
-	int rc = kvrt_engine_bind_step(w->e, &(struct kvrt_step_plan){w->preqs, (uint32_t)n,
-								       v.count[KVRT_META_PREEMPTED] > 0});
+	int rc = kvrt_engine_bind_step(w->e, &(struct kvrt_step_plan){
+						     .reqs = w->preqs, .num_reqs = (uint32_t)n,
+						     .step = v.step,
+						     .preempted = v.count[KVRT_META_PREEMPTED] > 0});
 	return rc ? rc : ret;
 }
 
@@ -818,6 +833,7 @@ void kvrt_worker_destroy(struct kvrt_worker *w)
 {
 	if (!w)
 		return;
+	kvrt_saves_pub_unlink(w->spub);  /* before the socket: the directory goes with it */
 	kvrt_lsock_server_stop(w->lsrv); /* before the engine it asks */
 	free(w->lsock_path);
 	pthread_rwlock_wrlock(&reg_lock);
@@ -828,6 +844,7 @@ void kvrt_worker_destroy(struct kvrt_worker *w)
 		}
 	pthread_rwlock_unlock(&reg_lock);
 	kvrt_engine_destroy(w->e);
+	kvrt_saves_pub_close(w->spub); /* after the engine that stores into it */
 	if (w->trace_owned) /* after the actors stopped: their records are in */
 		kvrt_trace_stop();
 	for (size_t i = 0; i < w->npend; i++)
@@ -892,6 +909,7 @@ struct kvrt_sched {
 	uint64_t refused_loads;        /* loads refused by after_alloc */
 	struct kvrt_lsock_client *lsock; /* the ranks' lookup sockets, or NULL */
 	bool lsock_off;                /* lookup sockets not used (not wanted or failed) */
+	struct kvrt_saves_view *sview; /* the ranks' saves-done files (with lsock), or NULL */
 	struct _kvrt_sreq_state *tab[_SCHED_BUCKETS]; /* requests by hash */
 	uint32_t nload;                /* requests with load set: build_meta scans
 					* the table only when some */
@@ -1003,6 +1021,7 @@ int kvrt_sched_create(struct kvrt_sched **out, const struct kvrt_options *o, cha
 		return -ENOMEM;
 	}
 	s->o = *o;
+	s->step = 1; /* step numbers start at 1: the workers' saves-done 0 means none */
 	s->o.instance = s->instance;
 	s->o.model_id = s->model_id;
 	s->o.dtype = s->dtype;
@@ -1033,6 +1052,7 @@ void kvrt_sched_destroy(struct kvrt_sched *s)
 		}
 	pthread_rwlock_unlock(&reg_lock);
 	kvrt_lsock_client_destroy(s->lsock);
+	kvrt_saves_view_destroy(s->sview);
 	for (uint32_t i = 0; i < s->ndelayed; i++)
 		free((void *)s->delayed[i].data);
 	free(s->delayed);
@@ -1102,6 +1122,11 @@ static int sched_remote_lookup(struct kvrt_sched *s, uint64_t req, uint64_t ns, 
 				      ? 250 : s->cfg.lookup_timeout_ms;
 		if (!rc)
 			rc = kvrt_lsock_client_create(&s->lsock, pv, (uint32_t)world, ms);
+		for (uint32_t k = 0; k < world && !rc; k++)
+			if (kvrt_saves_path(p[k], sizeof p[k], p[k]))
+				break;
+		if (!rc && kvrt_saves_view_create(&s->sview, pv, (uint32_t)world))
+			s->sview = NULL; /* finished requests keep delay_free */
 		free(p);
 		free(pv);
 		if (rc) {
@@ -1582,6 +1607,22 @@ out:
 	return rc ? rc : ret;
 }
 
+/* The step up to which every worker's saves are complete (actors/engine.h:
+ * kvrt_engine_saves_done): the worker of this process, else the minimum of
+ * the ranks' saves-done files; 0 when unknown. Scheduler lock held. */
+static uint64_t sched_saves_done(struct kvrt_sched *s)
+{
+	uint64_t done = 0;
+	pthread_rwlock_rdlock(&reg_lock);
+	struct kvrt_worker *w = reg_find(s->instance);
+	if (w)
+		done = kvrt_engine_saves_done(w->e);
+	pthread_rwlock_unlock(&reg_lock);
+	if (!w && s->sview)
+		done = kvrt_saves_view_min(s->sview);
+	return done;
+}
+
 int kvrt_sched_finished(struct kvrt_sched *s, const char *id, uint32_t id_len, bool *delay_free)
 {
 	*delay_free = false;
@@ -1596,7 +1637,7 @@ int kvrt_sched_finished(struct kvrt_sched *s, const char *id, uint32_t id_len, b
 		 * say the request's saves are done: the id goes in the next
 		 * metadata, get_finished reports it. */
 		*pp = q->next;
-		if (q->save_step != UINT64_MAX) {
+		if (q->save_step != UINT64_MAX && q->save_step > sched_saves_done(s)) {
 			size_t cap = s->delayed_cap;
 			char *c = malloc(id_len);
 			if (c && !kvrt_grow((void **)&s->delayed, &cap, s->ndelayed + 1, sizeof(*s->delayed))) {

@@ -230,6 +230,22 @@ static void sweep_stale(const char *own_dir)
 			if (dead && !unlink(f))
 				kvrt_info("removed the stale lookup socket %s", f);
 		}
+		/* A rank's saves-done file (connector/saves_done.h) without its
+		 * socket, in a directory untouched for a minute: its worker is
+		 * gone (one starting creates it just before its socket). */
+		rewinddir(sd);
+		while (old && (se = readdir(sd))) {
+			char f[sizeof base], sock[sizeof base + 8];
+			size_t nl = strlen(se->d_name);
+			n = snprintf(f, sizeof f, "%s/%s", sub, se->d_name);
+			if (se->d_name[0] == '.' || nl < 7 || strcmp(se->d_name + nl - 6, ".saves") ||
+			    n < 0 || (size_t)n >= sizeof f)
+				continue;
+			snprintf(sock, sizeof sock, "%.*s.sock", n - 6, f);
+			struct stat fs;
+			if (lstat(sock, &fs) && errno == ENOENT && !lstat(f, &fs) && S_ISREG(fs.st_mode))
+				unlink(f);
+		}
 		closedir(sd);
 		if (old)
 			rmdir(sub); /* only when empty */

@@ -54,7 +54,7 @@
  *      8   4  total length of the message, header included (== buffer length)
  *     12   4  reserved, 0
  *     16   8  checksum: XXH3_64bits (seed 0) of bytes [24, total length)
- *     24   8  step (the scheduler's counter, informational)
+  *     24   8  step (the scheduler's counter: the saves-done watermark, kvrt_engine_saves_done)
  *     32   4  block_size (vLLM tokens per block), 1..65536
  *     36   4  chunk_size (tokens per chunk), 1..65536
  *     40   4  number of loads       (each list at most KVRT_META_MAX_ITEMS)

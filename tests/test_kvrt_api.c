@@ -154,17 +154,53 @@ static void save_a(struct rig *g, const uint32_t *tok, const int32_t *ablk)
 	size_t len;
 	cr_assert_eq(kvrt_sched_build_meta(g->s, &(struct kvrt_sched_step){&sr, 1, NULL, 0}, &m, &len), 0);
 	step_work(g, m, len, 2); /* saves only: the per-layer saves matter */
+	/* A saved in its last step: its blocks are kept (delay_free) unless
+	 * the save actor's copies are already done. */
 	bool delay;
 	cr_assert_eq(kvrt_sched_finished(g->s, "A", 1, &delay), 0);
-	cr_assert(delay, "A saved in its last step: blocks are kept");
 	cr_assert_eq(kvrt_sched_build_meta(g->s, &(struct kvrt_sched_step){0}, &m, &len), 0);
 	step_work(g, m, len, 0); /* nothing: the per-layer calls may be skipped */
 	cr_assert_eq(kvrt_worker_flush(g->w), 0);
 	uint8_t buf[256];
 	uint32_t ns, nr, nf;
 	cr_assert_eq(kvrt_worker_get_finished(g->w, buf, sizeof buf, &ns, &nr, &nf), 0);
-	cr_assert_eq(ns, 1u);
-	cr_assert(buf[0] == 1 && buf[1] == 0 && buf[2] == 'A');
+	cr_assert_eq(ns, delay ? 1u : 0u);
+	cr_assert(!delay || (buf[0] == 1 && buf[1] == 0 && buf[2] == 'A'));
+}
+
+/* A request whose saves are complete when it finishes frees its blocks at
+ * once (no delay_free), so vLLM's reset_prefix_cache right after it works;
+ * the saves-done watermark is the scheduler's step number. */
+Test(kvrt_api, finished_after_its_saves_completed_is_not_delayed)
+{
+	struct rig g;
+	rig_up(&g, "t-saved");
+	uint32_t tok[T];
+	for (uint32_t i = 0; i < T; i++)
+		tok[i] = 7000 + i;
+	int32_t ablk[3] = {1, 2, 3};
+	struct kvrt_request a = req("A", tok, NULL);
+	uint32_t n;
+	bool as, delay;
+	cr_assert_eq(kvrt_sched_lookup(g.s, &a, 0, &n, &as), 0);
+	cr_assert_eq(kvrt_sched_after_alloc(g.s, &a, ablk, 3, 0, 0), 0);
+	cr_assert_eq(kvrt_sched_save_need(g.s, "A", 1, T, T), 32u);
+	struct kvrt_sched_req sr = {.req = a, .num_computed = T, .block_ids = ablk, .num_blocks = 3};
+	const void *m;
+	size_t len;
+	cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){&sr, 1, NULL, 0}, &m, &len), 0);
+	step(&g, m, len);
+	cr_assert_eq(kvrt_worker_flush(g.w), 0); /* the copies are done */
+	cr_assert_eq(kvrt_sched_finished(g.s, "A", 1, &delay), 0);
+	cr_assert_not(delay, "a request whose saves completed kept its blocks");
+	cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){0}, &m, &len), 0);
+	step(&g, m, len);
+	uint8_t buf[256];
+	uint32_t ns, nr, nf;
+	cr_assert_eq(kvrt_worker_get_finished(g.w, buf, sizeof buf, &ns, &nr, &nf), 0);
+	cr_assert_eq(ns, 0u, "reported finished-sending without a delay_free");
+	no_pins_left(&g);
+	rig_down(&g);
 }
 
 Test(kvrt_api, hit_loads_same_bytes_salt_misses_no_pins)

@@ -8,6 +8,7 @@
  * rank's "ask again" (a remote tier asking Redis) relayed. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -425,6 +426,10 @@ static void dead_socket_dir(const char *base, const char *name, int age)
 	int fd = socket(AF_UNIX, SOCK_STREAM, 0);
 	cr_assert_eq(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
 	close(fd); /* connect now refused: a dead server's socket */
+	snprintf(sock, sizeof sock, "%s/rank0.saves", dir); /* and its saves-done file */
+	fd = open(sock, O_CREAT | O_WRONLY, 0600);
+	cr_assert(fd >= 0);
+	close(fd);
 	time_t t = time(NULL) - age;
 	struct utimbuf u = {t, t};
 	cr_assert_eq(utime(dir, &u), 0);
@@ -460,6 +465,8 @@ Test(lookup_socket, runtime_dirs_do_not_leak)
 	cr_assert_neq(access(dir, F_OK), 0, "its dead socket is removed");
 	snprintf(dir, sizeof dir, "%s/starting", base);
 	cr_assert_eq(access(dir, F_OK), 0, "a directory changed just now is kept");
+	snprintf(dir, sizeof dir, "%s/starting/rank0.saves", base);
+	cr_assert_eq(access(dir, F_OK), 0, "a starting worker's saves-done file is kept");
 	snprintf(dir, sizeof dir, "%s/engine-b", base);
 	cr_assert_eq(access(dir, F_OK), 0);
 	if (saved)

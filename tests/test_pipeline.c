@@ -774,7 +774,7 @@ Test(pipeline, preemption_barrier_after_bind_keeps_the_step)
 	preq_make(&g, &a, 92, 48, NULL, 0);
 	preq_snapshot(&g, &a);
 	struct kvrt_plan_req pr = preq_save_plan(&g, &a);
-	cr_assert_eq(kvrt_engine_bind_step(g.e, &(struct kvrt_step_plan){&pr, 1, false}), 0);
+	cr_assert_eq(kvrt_engine_bind_step(g.e, &(struct kvrt_step_plan){.reqs = &pr, .num_reqs = 1}), 0);
 	cr_assert_eq(kvrt_engine_save_barrier(g.e), 0);
 	cr_assert_eq(kvrt_engine_step_work(g.e), KVRT_STEP_SAVES | KVRT_STEP_SAVE_LAYERS,
 		     "the step's saves were ended");
@@ -828,7 +828,7 @@ Test(pipeline, all_at_once_saves_behind_the_forward)
 	struct preq a;
 	preq_make(&g, &a, 93, 56, NULL, 0);
 	struct kvrt_plan_req pr = preq_save_plan(&g, &a);
-	cr_assert_eq(kvrt_engine_bind_step(g.e, &(struct kvrt_step_plan){&pr, 1, false}), 0);
+	cr_assert_eq(kvrt_engine_bind_step(g.e, &(struct kvrt_step_plan){.reqs = &pr, .num_reqs = 1}), 0);
 	cr_assert_eq(kvrt_engine_step_work(g.e), KVRT_STEP_SAVES, "no per-layer save calls wanted");
 	cr_assert_eq(kvrt_engine_start_load(g.e), 0);
 	/* the forward, queued on the compute stream behind a gate */

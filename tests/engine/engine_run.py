@@ -43,18 +43,10 @@ def run(spec: dict) -> dict:
     out: dict = {"phases": [], "metrics": []}
     for ph in spec["phases"]:
         if ph.get("reset_local"):
-            # vLLM's own prefix cache only. Blocks a finished request freed
-            # with delay_free come back on the next engine step (the
-            # offline loop stops stepping when outputs are done): a
-            # one-token request gives that step.
-            ok = bool(llm.reset_prefix_cache())
-            for _ in range(3):
-                if ok:
-                    break
-                llm.generate([{"prompt_token_ids": [3, 4]}],
-                             SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
-                ok = bool(llm.reset_prefix_cache())
-            out.setdefault("resets", []).append(ok)
+            # vLLM's own prefix cache only, right after the last phase's
+            # outputs (no engine step in between): kvrt frees a finished
+            # request's blocks at once when its saves are done.
+            out.setdefault("resets", []).append(bool(llm.reset_prefix_cache()))
         sp = SamplingParams(temperature=0.0, max_tokens=ph.get("max_tokens", 8),
                             ignore_eos=True, detokenize=False)
         res = llm.generate([{"prompt_token_ids": p} for p in ph["prompts"]], sp, use_tqdm=False)

@@ -179,6 +179,26 @@ def test_load_wait_counts_only_steps_that_load(model_dir):
         eng.close()
 
 
+def test_reset_prefix_cache_right_after_a_saving_request(model_dir):
+    """A finished request whose saves are complete gives its blocks back
+    at once (no delay_free): vLLM's reset_prefix_cache right after it
+    succeeds, with no engine step in between."""
+    eng = engine(model_dir)
+    try:
+        eng.add("A", H.prompt(13), max_tokens=6)
+        eng.step()        # prefill: saves 2 chunks
+        eng.wc.flush()    # ... whose copies are done
+        # decode until A's last token, not one step more (vLLM's offline
+        # loop stops there too)
+        while "A" in eng.sched.requests and not eng.sched.requests["A"].is_finished():
+            eng.step()
+        assert eng.sched.reset_prefix_cache() is True, "A's blocks are still held"
+        drain(eng)
+        assert eng.wc.stats()["save_chunks"] == 2
+    finally:
+        eng.close()
+
+
 def spy_lookups(eng):
     """Every (request id, num_computed, answer) of the scheduler's lookups."""
     seen = []
