@@ -67,6 +67,18 @@ struct _found_vec {
 	bool oom;         /* a record was lost for memory */
 };
 
+/* A promotion waiting for a slab: every slab is held, but a demotion's
+ * disk write in flight frees one when it ends. */
+struct _starved {
+	struct kvrt_chunk_key key;   /* the chunk to promote */
+	struct kvrt_completion *c;   /* caller's completion */
+	uint64_t since_ns;           /* queued at */
+	struct _starved *next;       /* FIFO */
+};
+
+/* A starved promotion fails (-ENOBUFS) after this long. */
+#define _STARVED_MAX_NS (2ull * 1000000000ull)
+
 /* A promote request waiting for a disk read. */
 struct _waiter {
 	struct kvrt_index_entry *e;  /* the entry being read (F_READING) */
@@ -99,6 +111,7 @@ struct kvrt_evict {
 	struct kvrt_index_entry **lost; /* disk-only entries to retire when unpinned */
 	uint32_t lost_n, lost_cap;   /* used, allocated */
 	struct _waiter *waiters;     /* promote requests in flight */
+	struct _starved *starved, **starved_tail; /* promotions waiting for a slab */
 	uint64_t removed;            /* retirements since the last gc */
 	/* Counters, written by the actor, read by anyone (relaxed). */
 	STAT(ev, admitted);
@@ -445,10 +458,12 @@ static void waiters_signal(struct kvrt_evict *ev, struct kvrt_index_entry *e, in
 	}
 }
 
-static void on_promote(struct kvrt_evict *ev, struct kvrt_msg *m)
+/* Start promoting key (reply on c when CPU-resident, or with the error).
+ * false: no slab now but a demotion's write in flight will free one: the
+ * caller queues it (starved) and tries again. */
+static bool promote_key(struct kvrt_evict *ev, struct kvrt_chunk_key key, struct kvrt_completion *c,
+			bool may_starve)
 {
-	struct kvrt_chunk_key key = {.lo = m->arg.u64[0], .hi = m->arg.u64[1]};
-	struct kvrt_completion *c = m->reply;
 	struct kvrt_index_entry *e = kvrt_index_find(ev->idx, key);
 	int rc;
 	if (!e || (e->flags & (F_LOST | F_RLOST))) {
@@ -478,6 +493,8 @@ static void on_promote(struct kvrt_evict *ev, struct kvrt_msg *m)
 		}
 		if (slab == KVRT_POOL_NO_SLAB) {
 			free(w);
+			if (may_starve && ev->writing)
+				return false; /* a victim's disk write frees one soon */
 			rc = -ENOBUFS;
 			goto done;
 		}
@@ -502,10 +519,46 @@ static void on_promote(struct kvrt_evict *ev, struct kvrt_msg *m)
 	w->c = c;
 	w->next = ev->waiters;
 	ev->waiters = w;
-	return;
+	return true;
 done:
 	if (c)
 		kvrt_completion_signal(c, rc);
+	return true;
+}
+
+/* Retry starved promotions in order while slabs come free; fail those
+ * waiting too long, or all of them once no write is left to free one. */
+static void starved_retry(struct kvrt_evict *ev)
+{
+	uint64_t now = ev->starved ? kvrt_now_ns() : 0;
+	while (ev->starved) {
+		struct _starved *q = ev->starved;
+		bool late = now - q->since_ns > _STARVED_MAX_NS;
+		if (!promote_key(ev, q->key, q->c, !late))
+			return; /* still no slab: the rest wait behind it */
+		ev->starved = q->next;
+		if (!ev->starved)
+			ev->starved_tail = &ev->starved;
+		free(q);
+	}
+}
+
+static void on_promote(struct kvrt_evict *ev, struct kvrt_msg *m)
+{
+	struct kvrt_chunk_key key = {.lo = m->arg.u64[0], .hi = m->arg.u64[1]};
+	struct kvrt_completion *c = m->reply;
+	/* Behind earlier starved ones (FIFO), else now. */
+	if (!ev->starved && promote_key(ev, key, c, true))
+		return;
+	struct _starved *q = malloc(sizeof(*q));
+	if (!q) {
+		if (c)
+			kvrt_completion_signal(c, -ENOBUFS);
+		return;
+	}
+	*q = (struct _starved){.key = key, .c = c, .since_ns = kvrt_now_ns()};
+	*ev->starved_tail = q;
+	ev->starved_tail = &q->next;
 }
 
 static void on_disk_written(struct kvrt_evict *ev, struct kvrt_chunk_key key, int status)
@@ -833,6 +886,8 @@ static void housekeeping(struct kvrt_evict *ev)
 	}
 	lost_sweep(ev);
 	rl_sweep(ev);
+	if (ev->starved)
+		starved_retry(ev);
 	refill(ev);
 	kvrt_index_reclaim(ev->idx);
 	if (ev->removed > 1024 && ev->removed > kvrt_index_count(ev->idx)) {
@@ -941,6 +996,8 @@ static void handle(struct kvrt_actor *a, struct kvrt_msg *m)
 		status = -EINVAL;
 		break;
 	}
+	if (ev->starved) /* a write's end, a return, an eviction may have freed a slab */
+		starved_retry(ev);
 	refill(ev);
 	if (m->reply)
 		kvrt_completion_signal(m->reply, status);
@@ -961,6 +1018,14 @@ static void stop(struct kvrt_actor *a)
 	struct kvrt_evict *ev = kvrt_actor_data(a);
 	ev_timer_stop(kvrt_actor_loop(a), &ev->tick);
 	/* Promotions still waiting (the disk closed under them) fail. */
+	while (ev->starved) {
+		struct _starved *q = ev->starved;
+		ev->starved = q->next;
+		if (q->c)
+			kvrt_completion_signal(q->c, -ESHUTDOWN);
+		free(q);
+	}
+	ev->starved_tail = &ev->starved;
 	while (ev->waiters) {
 		struct _waiter *w = ev->waiters;
 		ev->waiters = w->next;
@@ -1037,6 +1102,8 @@ int kvrt_evict_create(struct kvrt_evict **out, const struct kvrt_evict_config *c
 	if (!cfg || !cfg->index || !cfg->pool || !cfg->shape.num_layers || !cfg->shape.token_bytes)
 		return -EINVAL;
 	struct kvrt_evict *ev = calloc(1, sizeof(*ev));
+	if (ev)
+		ev->starved_tail = &ev->starved;
 	if (!ev)
 		return -ENOMEM;
 	int rc = -ENOMEM;
