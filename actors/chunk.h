@@ -41,8 +41,12 @@ struct kvrt_chunk_shape {
 	uint32_t num_layers;  /* layers stored (layers sharing storage once) */
 	uint32_t token_bytes; /* bytes of one token of one layer (K+V, or MLA's latent) */
 	uint32_t elem_size;   /* bytes per element: 1 fp8, 2 fp16/bf16, 4 fp32 */
-	uint32_t layout;      /* the source KV layout id (kernels/layout.h), informational */
+	uint32_t layout;      /* the source KV layout id (kernels/layout.h), informational;
+			       * | KVRT_CHUNK_LAYOUT_WHOLE_BLOCKS for chunks of whole
+			       * blocks of an opaque interior (another namespace too) */
 };
+
+#define KVRT_CHUNK_LAYOUT_WHOLE_BLOCKS 0x100u
 
 /* Payload bytes of a chunk of n tokens. */
 static inline uint64_t kvrt_chunk_payload_bytes(const struct kvrt_chunk_shape *s, uint32_t n)

@@ -216,10 +216,23 @@ int kvrt_engine_register(struct kvrt_engine *e, const struct kvrt_kv_tensor *t, 
 	if (rc)
 		return rc;
 	e->L = e->set->num_layers;
+	/* A chunk of whole blocks of an opaque interior is another format:
+	 * its own layout id keeps it apart on disk and in Redis. */
 	e->shape = (struct kvrt_chunk_shape){.num_layers = e->L,
 					     .token_bytes = e->set->geom.token_bytes,
 					     .elem_size = e->set->elem_size,
-					     .layout = (uint32_t)e->set->layout};
+					     .layout = (uint32_t)e->set->layout |
+						       (e->set->whole_blocks ? KVRT_CHUNK_LAYOUT_WHOLE_BLOCKS : 0)};
+	if (e->set->whole_blocks && e->cfg.save_unfull_chunk)
+		kvrt_warn("engine: save_unfull_chunk has no effect with this KV layout (only whole "
+			  "blocks are copied; a prompt's partial last chunk is recomputed)");
+	if (e->set->whole_blocks && e->cs % e->set->geom.block_size) {
+		kvrt_error("engine: chunk_size %u is not a multiple of vLLM's block size %u: this "
+			   "KV layout is copied in whole blocks only (set chunk_size to a multiple)",
+			   e->cs, e->set->geom.block_size);
+		rc = -EINVAL;
+		goto err_set;
+	}
 	e->chunk_bytes = kvrt_chunk_payload_bytes(&e->shape, e->cs);
 	if (e->cfg.cpu_bytes < e->chunk_bytes) {
 		kvrt_error("engine: cpu_bytes %llu holds not even one chunk of %llu bytes "
@@ -588,7 +601,10 @@ static void save_chunks(const struct kvrt_engine *e, const struct kvrt_plan_req 
 	q->save_first = i0;
 	q->save_full_end = i1;
 	uint32_t p = r->prompt_tokens;
-	if (e->cfg.save_unfull_chunk && p % cs && r->save_start < p && p <= r->save_end && i1 == p / cs)
+	/* A tail is part of a block: never saved where only whole blocks
+	 * may be copied (kernels/layout.h: whole_blocks). */
+	if (e->cfg.save_unfull_chunk && !e->set->whole_blocks && p % cs && r->save_start < p &&
+	    p <= r->save_end && i1 == p / cs)
 		q->save_tail = p % cs;
 }
 

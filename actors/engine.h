@@ -126,6 +126,9 @@ struct kvrt_engine_config {
 	 * reads wrong KV: the proof that the model reads what kvrt loads). */
 	uint32_t debug_corrupt_loads;
 	bool debug_perturb_loads;
+	uint32_t debug_save_done_delay_ms; /* the save actor holds each step's
+					    * "saves done" this long (a finished
+					    * request then keeps delay_free) */
 	/* Where kvrt_engine_saves_done's value is also stored (release) each
 	 * time it advances, written by the save actor until destroy returns:
 	 * shared memory a scheduler in another process reads. NULL: none. */

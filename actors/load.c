@@ -189,6 +189,21 @@ static uint32_t prepare(struct kvrt_load *l, const struct _kvrt_step *st, const 
 		}
 		uint32_t from = q->load_start > t0 ? q->load_start : t0;
 		uint32_t to = q->load_end < t0 + c->n ? q->load_end : t0 + c->n;
+		if (e->set->whole_blocks) {
+			/* vLLM's blocks are copied whole (kernels/layout.h): out
+			 * to block edges. vLLM recomputes the tokens past
+			 * load_end over the extra ones before reading them;
+			 * tokens before a mid-block load_start (never vLLM's
+			 * block-aligned local hits) get the same tokens' KV.
+			 * Chunks are whole blocks here (no tails are saved). */
+			uint32_t bs = e->set->geom.block_size;
+			if (c->n % bs) {
+				fail = i;
+				break;
+			}
+			from = t0 + (from - t0) / bs * bs;
+			to = t0 + (to - t0 + bs - 1) / bs * bs;
+		}
 		c->first = from - t0;
 		c->count = to - from;
 		c->promote = h->tier != KVRT_TIER_CPU;

@@ -33,6 +33,7 @@
  */
 #include <errno.h>
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 #include <xxhash.h>
 
@@ -298,6 +299,11 @@ static void on_done(struct kvrt_save *s, struct _sstep *t)
 			stash(s, c->slab);
 			_KVRT_STAT_ADD(e, st_save_skipped_mailbox, 1);
 		}
+	}
+	if (KVRT_UNLIKELY(e->cfg.debug_save_done_delay_ms)) { /* test instrumentation */
+		struct timespec ts = {e->cfg.debug_save_done_delay_ms / 1000,
+				      (long)(e->cfg.debug_save_done_delay_ms % 1000) * 1000000L};
+		nanosleep(&ts, NULL);
 	}
 	/* release: get_finished (acquire) then knows the gathers are done. */
 	completed(e, t->gen, t->plan_step);

@@ -171,8 +171,9 @@ static bool lsock_wanted(const struct kvrt_options *o)
  * loads are overwritten in its CPU pool before their checksum is checked
  * (memory corruption: the loads fail and are recomputed); perturb_loads:
  * every chunk is overwritten and served without the check (wrong KV: the
- * negative control of the engine tests). The shim reads
- * zero_kv_before_load itself. Unknown words are ignored with a warning. */
+ * negative control of the engine tests); slow_saves=MS: each step's saves
+ * are reported done MS ms late (finished requests keep delay_free). The
+ * shim reads zero_kv_before_load itself. Unknown words are ignored with a warning. */
 static void debug_from_env(struct kvrt_engine_config *ec)
 {
 	const char *v = getenv("KVRT_DEBUG");
@@ -185,6 +186,8 @@ static void debug_from_env(struct kvrt_engine_config *ec)
 		unsigned n;
 		if (sscanf(w, "corrupt_loads=%u", &n) == 1)
 			ec->debug_corrupt_loads = n;
+		else if (sscanf(w, "slow_saves=%u", &n) == 1)
+			ec->debug_save_done_delay_ms = n;
 		else if (!strcmp(w, "perturb_loads"))
 			ec->debug_perturb_loads = true;
 		else if (strcmp(w, "zero_kv_before_load") != 0) {
@@ -335,9 +338,13 @@ static int convert_tensor(const struct kvrt_tensor *t, struct kvrt_kv_tensor *o)
 		memcpy(o->shape, t->shape, sizeof(o->shape));
 		memcpy(o->stride, t->stride, sizeof(o->stride));
 		return 0;
-	case KVRT_LAYOUT_BHNC: {
+	case KVRT_LAYOUT_BHNC:
+	case KVRT_LAYOUT_BHNC_BLOCKS: {
 		if (t->ndim != 4 || t->shape[3] % 2 || t->shape[3] < 2)
 			return -EINVAL;
+		/* Whole blocks: copied as FlashInfer's view too, a permutation
+		 * of the block's bytes that every save and load shares. */
+		o->whole_blocks = t->layout == KVRT_LAYOUT_BHNC_BLOCKS;
 		int64_t d = t->shape[3] / 2;
 		o->layout = KVRT_KV_FLASHINFER;
 		o->ndim = 5;

@@ -154,6 +154,17 @@ enum kvrt_layout {
 	KVRT_LAYOUT_BHNC = 5,       /* vLLM >= 0.33: (blocks, heads, block_size, 2*head),
 				     * K then V in the last dim */
 	KVRT_LAYOUT_BHNC_MLA = 6,   /* vLLM >= 0.33 MLA: (blocks, 1, block_size, head) */
+	KVRT_LAYOUT_BHNC_BLOCKS = 7, /* vLLM >= 0.33 (blocks, heads, block_size, 2*head)
+				     * of a backend whose block interior is its own
+				     * (vLLM's CPU attention keeps all K rows of a
+				     * block and head, then all V rows, packed per
+				     * ISA; any backend the shim does not know):
+				     * only whole blocks are copied, so loads are
+				     * rounded out to whole blocks (vLLM recomputes
+				     * the tokens past the hit over the extra
+				     * ones), prompt tails are not saved, and
+				     * chunk_size must be a multiple of the block
+				     * size. The default for unknown backends. */
 };
 
 #define KVRT_TENSOR_MAX_DIMS 6

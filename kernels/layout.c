@@ -224,6 +224,7 @@ int kvrt_kv_set_create(struct kvrt_kv_set **out, const struct kvrt_kv_tensor *t,
 		if ((rc = kvrt_kv_desc_init(&whole[i], &t[i])) < 0)
 			goto err;
 		inputs += whole[i].num_layers;
+		s->whole_blocks |= t[i].whole_blocks;
 		if (i > 0 && !_same_geom(&whole[0], &whole[i])) {
 			kvrt_error("kernels: KV tensor %s has a different geometry from %s "
 				   "(K/V, heads, head bytes, block size or num_blocks)",

@@ -58,6 +58,11 @@ struct kvrt_kv_tensor {
 	int64_t shape[KVRT_KV_MAX_DIMS];  /* logical shape */
 	int64_t stride[KVRT_KV_MAX_DIMS]; /* stride(), in elements */
 	const char *name;                 /* layer name for messages, or NULL */
+	bool whole_blocks;                /* the backend lays out a block's interior its
+					   * own way (vLLM's CPU attention: every K row
+					   * of a block and head, then every V row, packed
+					   * per ISA): the shape only tells where blocks
+					   * are, so only whole blocks may be copied */
 };
 
 /* One layer, validated. */
@@ -91,6 +96,9 @@ struct kvrt_kv_set {
 	struct kvrt_copy_layer *layer; /* [num_layers]: the kernels' table */
 	struct kvrt_copy_geom geom;    /* shared geometry */
 	enum kvrt_kv_layout layout;    /* of the first layer (informational) */
+	bool whole_blocks;             /* some layer's block interior is opaque
+					* (kvrt_kv_tensor.whole_blocks): copies of
+					* a block must cover all of it */
 	uint32_t elem_size;            /* bytes per element */
 	uint64_t align_bits;           /* kvrt_copy_layers_bits() of the table */
 };

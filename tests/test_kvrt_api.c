@@ -37,6 +37,9 @@ static const char *K[] = {"chunk_size", "max_local_cpu_size", "device", "mailbox
 			  "enable_async_loading"};
 static const char *V[] = {"16", "0.01", "host", "64", "true"};
 
+/* The rig's KV layout (a test may switch it before rig_up). */
+static enum kvrt_layout rig_layout = KVRT_LAYOUT_BHNC;
+
 static struct kvrt_options opts(const char *inst)
 {
 	return (struct kvrt_options){.instance = inst, .model_id = "tiny", .dtype = "float32",
@@ -54,7 +57,7 @@ static void rig_up_keys(struct rig *g, const char *inst, uint32_t num_keys)
 		g->kv[l] = malloc(n * sizeof(float));
 		for (size_t i = 0; i < n; i++)
 			g->kv[l][i] = (float)(kvrt_test_rand(&rng) % 100000) + 1.0f;
-		g->t[l] = (struct kvrt_tensor){.data = g->kv[l], .layout = KVRT_LAYOUT_BHNC, .elem_size = 4,
+		g->t[l] = (struct kvrt_tensor){.data = g->kv[l], .layout = rig_layout, .elem_size = 4,
 					       .ndim = 4, .shape = {NB, H, BS, 2 * D},
 					       .stride = {H * BS * 2 * D, BS * 2 * D, 2 * D, 1}};
 	}
@@ -397,6 +400,64 @@ Test(kvrt_api, corrupt_chunk_is_a_load_error)
 	st = no_pins_left(&g);
 	cr_assert_eq(st.checksum_failures, 1u);
 	rig_down(&g);
+}
+
+/* A backend whose block interior is its own (vLLM's CPU attention): only
+ * whole blocks are copied. A 32-token prompt cached whole hits 31 tokens
+ * (vLLM computes the last); the load still writes all of its last block,
+ * token 31 with the cached copy (vLLM's forward then rewrites it), where the
+ * token-row layout leaves it to vLLM. A chunk_size that cuts blocks is
+ * refused at register. */
+Test(kvrt_api, whole_blocks_layout_loads_whole_blocks)
+{
+	uint32_t tok[T];
+	for (uint32_t i = 0; i < T; i++)
+		tok[i] = 9000 + i * 5;
+	int32_t ablk[3] = {1, 2, 3}, bblk[2] = {6, 7};
+	for (int mode = 0; mode < 2; mode++) {
+		rig_layout = mode ? KVRT_LAYOUT_BHNC_BLOCKS : KVRT_LAYOUT_BHNC;
+		struct rig g;
+		rig_up(&g, mode ? "t-blocks" : "t-rows");
+		save_a(&g, tok, ablk);
+		struct kvrt_request b = req("B", tok, NULL);
+		b.num_tokens = b.total_tokens = b.prompt_tokens = 2 * BS;
+		uint32_t n;
+		bool as, delay;
+		cr_assert_eq(kvrt_sched_lookup(g.s, &b, 0, &n, &as), 0);
+		cr_assert_eq(n, 2 * BS - 1);
+		poison(&g, bblk, 2);
+		cr_assert_eq(kvrt_sched_after_alloc(g.s, &b, bblk, 2, 0, n), 0);
+		const void *m;
+		size_t len;
+		cr_assert_eq(kvrt_sched_build_meta(g.s, &(struct kvrt_sched_step){0}, &m, &len), 0);
+		step(&g, m, len);
+		same_kv(&g, bblk, ablk, 0, 2 * BS - 1);
+		if (mode)
+			same_kv(&g, bblk, ablk, 2 * BS - 1, 2 * BS);
+		else
+			cr_assert_eq(*slot(&g, 0, (uint32_t)bblk[1], 0, BS - 1), -7.0f,
+				     "the token-row layout wrote past the load");
+		kvrt_sched_finished(g.s, "B", 1, &delay);
+		no_pins_left(&g);
+		rig_down(&g);
+	}
+	/* chunk_size 24 cuts 16-token blocks: refused in whole-block mode. */
+	static const char *ck[] = {"chunk_size", "max_local_cpu_size", "device"};
+	static const char *cv[] = {"24", "0.01", "host"};
+	struct kvrt_options o = opts("t-blocks-24");
+	o.keys = ck;
+	o.values = cv;
+	char err[256];
+	struct kvrt_worker *w;
+	cr_assert_eq(kvrt_worker_create(&w, &o, err, sizeof err), 0, "%s", err);
+	float *kv = calloc((size_t)NB * H * BS * 2 * D, sizeof(float));
+	struct kvrt_tensor t = {.data = kv, .layout = KVRT_LAYOUT_BHNC_BLOCKS, .elem_size = 4, .ndim = 4,
+				.shape = {NB, H, BS, 2 * D},
+				.stride = {H * BS * 2 * D, BS * 2 * D, 2 * D, 1}};
+	cr_assert_eq(kvrt_worker_register(w, &t, 1), -EINVAL);
+	kvrt_worker_destroy(w);
+	free(kv);
+	rig_layout = KVRT_LAYOUT_BHNC;
 }
 
 Test(kvrt_api, errors_a_user_can_hit)

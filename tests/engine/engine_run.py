@@ -4,16 +4,28 @@ engine_run.py SPEC.json OUT.json.
 
 SPEC: {"runs": [RUN, ...]} or one RUN;
 RUN:  {"model": dir, "kvrt": null | {extra config}, "llm": {LLM kwargs},
-       "phases": [{"prompts": [[token ids]...], "max_tokens": n,
-                   "reset_local": bool}]}
+       "env": {name: value, ...}  (set while this run's engine starts and runs:
+                                   KVRT_DEBUG, ...; the workers inherit it),
+       "phases": [PHASE, ...]}
+PHASE: {"prompts": [[token ids]...], "max_tokens": n,
+        "reset_local": bool   (reset vLLM's prefix cache first, right after
+                               the last phase's outputs),
+        "sequential": bool    (one generate() per prompt: one request at a time),
+        "abort": {"ids": [i...], "after_steps": k}
+                              (the engine API: add every prompt, step k times,
+                               abort those prompts, step to the end; aborted
+                               prompts give [])}
 OUT:  {"runs": [{"phases": [[[generated ids] per prompt] per phase],
-                 "metrics": [{name: value} after each phase]}, ...]}
+                 "metrics": [{name: value} after each phase],
+                 "resets": [bool per reset_local],
+                 "end": {"used_blocks": n} (in-process engines only)}, ...]}
 Greedy (temperature 0), seed 0, ignore_eos: the generated ids depend on
 the prompt and on the KV the model reads, nothing else."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -29,8 +41,47 @@ def metrics(llm) -> dict:
     return out
 
 
+def scheduler_of(llm):
+    """vLLM's scheduler when the engine core runs in this process, else None."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    core = getattr(core, "engine_core", None)
+    return getattr(core, "scheduler", None)
+
+
+def run_aborts(llm, ph, sp) -> list:
+    eng = llm.llm_engine
+    ids = [f"abort-{os.getpid()}-{i}-{id(ph)}" for i in range(len(ph["prompts"]))]
+    for rid, p in zip(ids, ph["prompts"]):
+        eng.add_request(rid, {"prompt_token_ids": p}, sp)
+    done: dict = {}
+    for _ in range(ph["abort"].get("after_steps", 1)):
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = list(o.outputs[0].token_ids)
+    gone = [ids[i] for i in ph["abort"]["ids"]]
+    eng.abort_request(gone)
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = list(o.outputs[0].token_ids)
+    return [[] if rid in gone else done.get(rid, []) for rid in ids]
+
+
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
+    saved = {k: os.environ.get(k) for k in spec.get("env", {})}
+    os.environ.update({k: str(v) for k, v in spec.get("env", {}).items()})
+    try:
+        return run_engine(spec, LLM, SamplingParams)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_engine(spec, LLM, SamplingParams) -> dict:
     kw = dict(model=spec["model"], seed=0, disable_log_stats=False)
     kw.update(spec.get("llm") or {})
     if spec.get("kvrt") is not None:
@@ -49,9 +100,24 @@ def run(spec: dict) -> dict:
             out.setdefault("resets", []).append(bool(llm.reset_prefix_cache()))
         sp = SamplingParams(temperature=0.0, max_tokens=ph.get("max_tokens", 8),
                             ignore_eos=True, detokenize=False)
-        res = llm.generate([{"prompt_token_ids": p} for p in ph["prompts"]], sp, use_tqdm=False)
-        out["phases"].append([list(r.outputs[0].token_ids) for r in res])
+        if ph.get("abort"):
+            out["phases"].append(run_aborts(llm, ph, sp))
+        else:
+            groups = [[p] for p in ph["prompts"]] if ph.get("sequential") else [ph["prompts"]]
+            got = []
+            for g in groups:
+                res = llm.generate([{"prompt_token_ids": p} for p in g], sp, use_tqdm=False)
+                got += [list(r.outputs[0].token_ids) for r in res]
+            out["phases"].append(got)
         out["metrics"].append(metrics(llm))
+    sched = scheduler_of(llm)
+    if sched is not None:
+        # Blocks still held by requests (a finished one whose saves were
+        # still copying may hold its own until the next step: one step).
+        if sched.has_requests():
+            llm.llm_engine.step()
+        pool = sched.kv_cache_manager.block_pool
+        out["end"] = {"used_blocks": pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()}
     core = getattr(llm.llm_engine, "engine_core", None)
     if core is not None:
         core.shutdown()

@@ -2,7 +2,7 @@
 (no hub): transformers builds it from a config with a fixed seed, weights
 ~N(0, 0.05) so greedy outputs depend on the prompt (not degenerate), plus a
 tokenizers WordLevel tokenizer ("t0".."tN") with a chat template for the
-OpenAI server. Run as a script: tiny_model.py DIR [family]."""
+OpenAI server. Run as a script: tiny_model.py DIR [dtype]."""
 
 from __future__ import annotations
 
@@ -67,5 +67,5 @@ def make(d: str, config: dict | None = None, dtype: str = "float32") -> str:
 
 
 if __name__ == "__main__":
-    make(sys.argv[1])
+    make(sys.argv[1], dtype=sys.argv[2] if len(sys.argv) > 2 else "float32")
     print(sys.argv[1])

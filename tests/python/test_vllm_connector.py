@@ -317,7 +317,10 @@ def test_preemption_partial_local_then_kvrt(model_dir, prefix_caching):
         eng.close()
 
 
-def test_delay_free_released(model_dir):
+def test_delay_free_released(model_dir, monkeypatch):
+    # The save actor reports its copies done 300 ms late (test hook): the
+    # request finishes while they may still read its blocks.
+    monkeypatch.setenv("KVRT_DEBUG", "slow_saves=300")
     eng = engine(model_dir)
     delays = []
     orig = eng.sc.request_finished
@@ -332,6 +335,11 @@ def test_delay_free_released(model_dir):
         eng.add("A", H.prompt(6), max_tokens=1)  # finishes in the step that saves
         eng.run()
         assert delays == [True]
+        import time
+        t0 = time.time()
+        while eng.sched.has_requests() and time.time() - t0 < 10:
+            eng.step()  # empty steps until the worker reports the saves done
+            time.sleep(0.02)
         eng.assert_empty()  # blocks came back through finished_sending
         assert pins(eng) == 0
     finally:

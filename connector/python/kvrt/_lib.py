@@ -70,7 +70,8 @@ class SchedStep(C.Structure):
                 ("preempted", C.POINTER(Bytes)), ("num_preempted", C.c_uint32)]
 
 
-LAYOUT = {"flash_attn": 1, "flashinfer": 2, "mla": 3, "cpu": 4, "bhnc": 5, "bhnc_mla": 6}
+LAYOUT = {"flash_attn": 1, "flashinfer": 2, "mla": 3, "cpu": 4, "bhnc": 5, "bhnc_mla": 6,
+          "bhnc_blocks": 7}
 
 
 def candidates() -> list[str]:

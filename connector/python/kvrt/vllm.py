@@ -121,6 +121,38 @@ class _Req:
             self.lora_name, lora_id, self.extra, len(extra))
 
 
+# Attention backends whose 4-D KV view (blocks, heads, block_size, 2*head)
+# holds each token's K then V in its last dim (vllm 0.33: they all read it
+# as kv_cache.transpose(1, 2).split(head_size, dim=-1)): kvrt may copy any
+# token range of a block. vLLM's CPU attention reads the same view as
+# (blocks, heads, 2*block_size, head): every K row of the block, then every
+# V row, packed per ISA; there kvrt copies whole blocks only.
+TOKEN_MAJOR_BACKENDS = frozenset({"FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION"})
+
+
+def _whole_blocks() -> bool:
+    """True unless on CUDA, whose attention backends are token-major (a
+    CUDA layer of another backend is refused at register_kv_caches). Both
+    roles decide it alike, before any layer is seen: it names the chunks'
+    format in their keys."""
+    try:
+        from vllm.platforms import current_platform
+        return not current_platform.is_cuda()
+    except Exception:  # noqa: BLE001  (no platform: the safe choice)
+        return True
+
+
+def _check_token_major(vllm_config, layer: str) -> None:
+    ctx = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None)
+    attn = (ctx or {}).get(layer)
+    backend = getattr(attn, "attn_backend", None) or getattr(attn, "backend", None)
+    name = backend.get_name() if backend is not None and hasattr(backend, "get_name") else None
+    if name is not None and name not in TOKEN_MAJOR_BACKENDS:
+        raise ValueError(f"kvrt: layer {layer} uses the attention backend {name}, whose KV block "
+                         f"layout kvrt does not know (known: {sorted(TOKEN_MAJOR_BACKENDS)}); "
+                         "refusing to start rather than serve wrong KV")
+
+
 class KvrtConnectorV1(KVConnectorBase_V1):
     """kvrt as vLLM's KV connector (both roles)."""
 
@@ -138,6 +170,12 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
         if dtype == "auto":
             dtype = str(vllm_config.model_config.dtype).replace("torch.", "")
+        # Whole-block copies where the backend's block interior is its own
+        # (vLLM's CPU attention; see _whole_blocks): a chunk format of its
+        # own, so its keys (the namespace: the dtype string) differ too.
+        self._whole_blocks = _whole_blocks()
+        if self._whole_blocks:
+            dtype += "+blocks"
         pc = vllm_config.parallel_config
         tp_size = getattr(pc, "tensor_parallel_size", 1)
         pp_size = getattr(pc, "pipeline_parallel_size", 1)
@@ -191,6 +229,12 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             self._track.chunk_size = int(self._cfg_get(
                 extra, "chunk_size", os.environ.get("KVRT_CHUNK_SIZE")
                 or os.environ.get("LMCACHE_CHUNK_SIZE") or 256))
+            # Test hook (KVRT_DEBUG=zero_kv_before_load, the C side logs it):
+            # every paged KV tensor is zeroed right before a step's loads,
+            # so a token that comes out right was computed from what kvrt
+            # loaded and what the step itself computes, nothing older.
+            self._zero_kv: list = []
+            self._zero_kv_on = "zero_kv_before_load" in os.environ.get("KVRT_DEBUG", "").split(",")
 
     # ------------------------------------------------------------ class-level
     @classmethod
@@ -400,7 +444,9 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         for i, (name, t) in enumerate(kv_caches.items()):
             shape, stride = tuple(t.shape), tuple(t.stride())
             if t.dim() == 4:
-                layout = "bhnc_mla" if mla else "bhnc"
+                layout = "bhnc_mla" if mla else ("bhnc_blocks" if self._whole_blocks else "bhnc")
+                if layout == "bhnc":
+                    _check_token_major(self._vllm_config, name)
             elif t.dim() == 3:
                 layout = "mla"
             elif t.dim() == 5 and shape[1] == 2:
@@ -419,6 +465,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             self._track.token_bytes += per_block // bs * t.element_size()
             self._layers[name] = i
         arr = (_lib.Tensor * len(tensors))(*tensors)
+        if self._zero_kv_on:
+            self._zero_kv = list(kv_caches.values())
         rc = self._lib.kvrt_worker_register(self._worker, arr, len(tensors))
         if rc:
             raise ValueError(f"kvrt: register_kv_caches failed ({rc})")
@@ -455,6 +503,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         if not self._loads:
             rc = self._lib.kvrt_worker_start_load(self._worker)
         else:
+            for t in self._zero_kv:  # test hook only (empty otherwise)
+                t.zero_()
             t0 = time.perf_counter_ns()
             rc = self._lib.kvrt_worker_start_load(self._worker)
             self._track.wait_ns["load_wait_ms"] += time.perf_counter_ns() - t0
