@@ -51,6 +51,7 @@ struct kvrt_worker {
 	struct kvrt_lsock_server *lsrv; /* its server (connector/lookup_socket.h), or NULL */
 	struct kvrt_saves_pub *spub;  /* its saves-done file (connector/saves_done.h), or NULL */
 	bool trace_owned;             /* the trace key started tracing: destroy writes it */
+	bool debug_skip_saves;        /* KVRT_DEBUG skip_saves_rank=<this rank>: saves nothing */
 	/* bind scratch (worker thread) */
 	struct kvrt_plan_req *preqs;  /* plan requests */
 	size_t preqs_cap;
@@ -172,9 +173,11 @@ static bool lsock_wanted(const struct kvrt_options *o)
  * (memory corruption: the loads fail and are recomputed); perturb_loads:
  * every chunk is overwritten and served without the check (wrong KV: the
  * negative control of the engine tests); slow_saves=MS: each step's saves
- * are reported done MS ms late (finished requests keep delay_free). The
- * shim reads zero_kv_before_load itself. Unknown words are ignored with a warning. */
-static void debug_from_env(struct kvrt_engine_config *ec)
+ * are reported done MS ms late (finished requests keep delay_free);
+ * skip_saves_rank=K: the worker of TP rank K saves nothing (the scheduler
+ * must then take the minimum over ranks). The shim reads
+ * zero_kv_before_load itself. Unknown words are ignored with a warning. */
+static void debug_from_env(struct kvrt_engine_config *ec, struct kvrt_worker *wk)
 {
 	const char *v = getenv("KVRT_DEBUG");
 	if (!v || !v[0])
@@ -188,6 +191,8 @@ static void debug_from_env(struct kvrt_engine_config *ec)
 			ec->debug_corrupt_loads = n;
 		else if (sscanf(w, "slow_saves=%u", &n) == 1)
 			ec->debug_save_done_delay_ms = n;
+		else if (sscanf(w, "skip_saves_rank=%u", &n) == 1)
+			wk->debug_skip_saves = n == wk->tp_rank;
 		else if (!strcmp(w, "perturb_loads"))
 			ec->debug_perturb_loads = true;
 		else if (strcmp(w, "zero_kv_before_load") != 0) {
@@ -254,7 +259,7 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 		 * the evict actor's mailbox (actors/engine.h). */
 		.mailbox_size = c->mailbox_size,
 	};
-	debug_from_env(&ec);
+	debug_from_env(&ec, w);
 	if (lsock_wanted(o)) {
 		/* Served from register on (lookups before it find nothing anyway). */
 		char p[128], sp[160];
@@ -643,6 +648,9 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 			}
 		}
 	}
+	if (w->debug_skip_saves) /* test hook: this rank keeps nothing */
+		for (size_t i = 0; i < n; i++)
+			w->preqs[i].save_end = w->preqs[i].save_start;
 	/* Delayed frees announced by this step. */
 	for (kvrt_meta_iter_init(&it, &v, KVRT_META_FINISHED); kvrt_meta_iter_next(&it, &item);)
 		if (pend_add(w, item.id_hash, true, item.id, item.id_len))

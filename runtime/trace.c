@@ -875,7 +875,7 @@ void kvrt_trace_init_from_env(void)
 	if (!atomic_load_explicit(&env_done, memory_order_relaxed)) {
 		const char *path = getenv("KVRT_TRACE");
 		int rc = path && *path ? kvrt_trace_start(path) : 0;
-		if (rc != 0) {
+		if (rc != 0 && rc != -EALREADY) { /* already recording (a config key started it) */
 			char eb[128];
 			kvrt_error("trace: KVRT_TRACE=%s: cannot start (%s)", path,
 				   strerror_r(-rc, eb, sizeof eb));

