@@ -11,12 +11,12 @@
 
 #include "runtime/common.h"
 
-#define _MAGIC "kvrtsav1"
+#define _MAGIC 0x317661737472766bull /* "kvrtsav1" read as a little-endian u64 */
 #define _FILE_BYTES 4096u
 #define _RETRY_NS 100000000ull /* a missing rank's file is looked for again after 100 ms */
 
 struct _file {
-	char magic[8];
+	_Atomic uint64_t magic; /* _MAGIC once ready (release) */
 	_Atomic uint64_t step;
 };
 
@@ -86,8 +86,7 @@ int kvrt_saves_pub_create(struct kvrt_saves_pub **out, const char *path, _Atomic
 	p->ino = st.st_ino;
 	atomic_store_explicit(&p->map->step, 0, memory_order_relaxed);
 	/* release: a reader that sees the magic sees the step's zero. */
-	atomic_thread_fence(memory_order_release);
-	memcpy(p->map->magic, _MAGIC, 8);
+	atomic_store_explicit(&p->map->magic, _MAGIC, memory_order_release);
 	*slot = &p->map->step;
 	*out = p;
 	return 0;
@@ -149,12 +148,11 @@ static void try_map(struct _rank *r)
 	close(fd);
 	if (m == MAP_FAILED)
 		return;
-	const struct _file *f = m;
-	if (memcmp(f->magic, _MAGIC, 8)) { /* not kvrt's, or not ready yet */
-		munmap(m, _FILE_BYTES);
+	struct _file *f = m;
+	if (atomic_load_explicit(&f->magic, memory_order_acquire) != _MAGIC) {
+		munmap(m, _FILE_BYTES); /* not kvrt's, or not ready yet */
 		return;
 	}
-	atomic_thread_fence(memory_order_acquire);
 	r->map = f;
 }
 

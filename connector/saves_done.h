@@ -13,8 +13,8 @@
  * missing or not kvrt's counts as 0 (the request keeps delay_free: never
  * wrong, only slower to free).
  *
- * File: 4096 bytes; "kvrtsav1" (8 bytes) then the step, a u64 the engine
- * stores with release ordering (readers acquire).
+ * File: 4096 bytes: a u64 magic ("kvrtsav1", stored last, release) then the
+ * step, a u64 the engine stores with release ordering (readers acquire).
  *
  * Lifetime: the worker creates the file at start (replacing a stale one),
  * unlinks it when it stops (before its socket, so the instance directory
