@@ -23,9 +23,11 @@ import tempfile
 import pytest
 
 from conftest import (CTRL, DOCS, DOCS_B, DOCS_HIT, EDGE, EDGE_HIT, EDGE_LOADED, INPROC, KVRT,
-                      LLM_FP32, delta, expected_hit, level, run, same_tokens)
+                      LLM_FP32, delta, expected_hit, level, run, same_tokens, tokens)
 
 DEBUG = "KVRT_DEBUG"
+PRE_Q = [tokens(200 + i, 60) for i in range(4)]
+PRE_Q2 = [tokens(300 + i, 60) for i in range(4)]
 
 
 def edge_phases():
@@ -68,6 +70,17 @@ def offline(model_dir, model_bf16, baseline):
             {"prompts": DOCS_B, "max_tokens": 8, "reset_local": True,
              "abort": {"ids": [0, 2], "after_steps": 1}}]},
     }
+    # Preemption: a pool of 16 blocks for 4 documents of 6 blocks each,
+    # vLLM's cache holding the first 3 blocks of each (a load starting mid-
+    # chunk), generating 120 tokens: preempted requests resume from local
+    # hits plus kvrt. Without kvrt and with it (the tokens to compare).
+    pre = {"model": model_dir, "llm": dict(LLM_FP32, num_gpu_blocks_override=16,
+                                           max_model_len=1024),
+           "phases": [{"prompts": [d + q for d, q in zip(DOCS, PRE_Q)], "max_tokens": 8},
+                      {"prompts": [d[:400] for d in DOCS], "max_tokens": 4, "reset_local": True},
+                      {"prompts": [d + q for d, q in zip(DOCS, PRE_Q2)], "max_tokens": 120}]}
+    runs["preempt_base"] = dict(pre, kvrt=None)
+    runs["preempt"] = dict(pre, kvrt=KVRT)
     try:
         out = run({"runs": list(runs.values())}, timeout=900, **INPROC)
     finally:
@@ -141,6 +154,20 @@ def test_async_loads_from_disk_and_aborts(offline, baseline):
     assert level(r, "kvrt_load_errors") == 0
     assert r["resets"] == [True, True]
     no_leaks(r)
+
+
+def test_preemptions_resume_from_local_and_kvrt_no_leaks(offline):
+    """(The same scenario runs under the multiprocess executor in
+    test_engine.py; here the engine's block pool can be read.)"""
+    a, b = offline["preempt_base"], offline["preempt"]
+    for i in range(3):
+        same_tokens(b["phases"][i], a["phases"][i], f"phase {i}")
+    assert level(b, "num_preemptions") > 0, "no preemption: the scenario lost its point"
+    assert delta(b, "prefix_cache_hits", 2) > 0, "no local hits: the scenario lost its point"
+    assert delta(b, "kvrt_loaded_tokens", 2) >= 4 * 128
+    assert level(b, "kvrt_load_errors") == 0
+    assert b["resets"] == [True]
+    no_leaks(b)
 
 
 def test_corrupt_chunk_recovered_dropped_then_hits(model_dir, baseline):
