@@ -338,12 +338,12 @@ static void job_finish(struct kvrt_load *l, struct _job *j)
 	struct kvrt_engine *e = l->e;
 	uint32_t failed_chunks = 0;
 	if (j->fail_tok < j->load_end) {
-		_kvrt_engine_add_errors(e, j->blk, j->nblk, j->fail_tok, j->load_end);
+		_kvrt_result_errors(e, j->blk, j->nblk, j->fail_tok, j->load_end);
 		failed_chunks = 1;
 	}
 	_KVRT_STAT_ADD(e, st_load_failed_chunks, failed_chunks);
 	kvrt_index_unpin_owner(e->idx, j->owner);
-	_kvrt_engine_add_recv(e, j->req_id, j->fail_tok < j->load_end);
+	_kvrt_result_recv(e, j->req_id, j->fail_tok < j->load_end);
 	free(j->blk);
 	free(j);
 }
@@ -440,8 +440,8 @@ static void job_create(struct kvrt_load *l, const struct _kvrt_step *st, const s
 		free(j);
 		free(blk);
 		kvrt_index_unpin_owner(e->idx, owner);
-		_kvrt_engine_add_errors(e, st->blocks + q->blk_off, q->nblk, q->load_start, q->load_end);
-		_kvrt_engine_add_recv(e, q->req_id, true);
+		_kvrt_result_errors(e, st->blocks + q->blk_off, q->nblk, q->load_start, q->load_end);
+		_kvrt_result_recv(e, q->req_id, true);
 		return;
 	}
 	memcpy(blk, st->blocks + q->blk_off, q->nblk * sizeof(*blk));
@@ -502,7 +502,7 @@ static void on_step(struct kvrt_load *l, uint32_t gen)
 						   : fail_token(q, e->cs, fail_chunk);
 			if (fail_tok < q->load_end) {
 				_KVRT_STAT_ADD(e, st_load_failed_chunks, 1);
-				_kvrt_engine_add_errors(e, st->blocks + q->blk_off, q->nblk, fail_tok, q->load_end);
+				_kvrt_result_errors(e, st->blocks + q->blk_off, q->nblk, fail_tok, q->load_end);
 			}
 		}
 	}
@@ -536,7 +536,7 @@ static void on_step(struct kvrt_load *l, uint32_t gen)
 		for (uint32_t i = 0; i < st->nreq; i++) {
 			const struct _kvrt_sreq *q = &st->reqs[i];
 			if (q->load && !(q->flags & KVRT_PLAN_ASYNC_LOAD))
-				_kvrt_engine_add_errors(e, st->blocks + q->blk_off, q->nblk, q->load_start,
+				_kvrt_result_errors(e, st->blocks + q->blk_off, q->nblk, q->load_start,
 							q->load_end);
 		}
 	}

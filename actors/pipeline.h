@@ -1,5 +1,8 @@
 /* actors/pipeline.h: internal to the engine (engine.c) and its pipeline
- * actors (lookup.c, load.c, save.c). Not for callers: they use engine.h.
+ * actors (lookup.c, load.c, save.c): their contract. The shared functions
+ * below (published words, key chains, results) live in pipeline.c, so the
+ * actors depend on this header and pipeline.c, never on engine.c. Not for
+ * callers: they use engine.h.
  *
  * Owns nothing itself: it defines struct kvrt_engine, which the engine's
  * owner thread creates and destroys, and says which thread writes each
@@ -192,10 +195,10 @@ static inline int64_t _kvrt_slot(const int32_t *blk, uint32_t nblk, uint32_t bs,
 }
 
 /* Add load-error blocks of tokens [from, to) of a request (load actor). */
-void _kvrt_engine_add_errors(struct kvrt_engine *e, const int32_t *blk, uint32_t nblk,
+void _kvrt_result_errors(struct kvrt_engine *e, const int32_t *blk, uint32_t nblk,
 			     uint32_t from, uint32_t to);
 /* An async load finished (load actor). */
-void _kvrt_engine_add_recv(struct kvrt_engine *e, uint64_t req_id, bool failed);
+void _kvrt_result_recv(struct kvrt_engine *e, uint64_t req_id, bool failed);
 
 /* Keys of chunks [0, nfull) (full) and, when tail, chunk nfull of `tail`
  * tokens, written to out[0 .. nfull + (tail != 0)). Any thread. */
