@@ -11,8 +11,8 @@
  *   else one step (<= 8 MiB) of the head write, per loop iteration, and an
  *   ev_idle watcher, active while jobs wait, keeps the loop from blocking in
  *   epoll meanwhile: a mailbox drain and an I/O step alternate.
- * - Completions go to cfg->notify by try_post; when it is full they wait in
- *   order in a private backlog that an ev_timer retries.
+ * - Completions go to cfg->notify through an outbox (runtime/outbox.h): by
+ *   try_post, or when the mailbox is full, in order, retried by a timer.
  *
  * Platform notes
  * - O_DIRECT needs buffer address, file offset and length aligned to the
@@ -38,6 +38,7 @@
 #include <unistd.h>
 
 #include "runtime/log.h"
+#include "runtime/outbox.h"
 
 #define _STEP_BYTES (8u << 20)            /* most bytes per write step / read piece */
 #define _ALIGN 4096u                      /* O_DIRECT alignment */
@@ -117,14 +118,12 @@ struct kvrt_disk {
 	struct _disk_rjob *rq_tail;
 	uint64_t rq_ahead_bytes;     /* file bytes of prefetched, unserved reads */
 	uint32_t rq_ahead;           /* how many */
-	struct kvrt_msg *backlog;    /* undelivered completions, a ring */
-	uint32_t bl_head, bl_count, bl_cap;
+	struct kvrt_outbox ob;       /* completions to cfg->notify (actor thread) */
 	struct kvrt_chunk_sum *sum;  /* checksum state */
 	uint8_t *hdrbuf;             /* _ALIGN bytes: a file's header block */
 	uint8_t *bounce;             /* _STEP_BYTES, O_DIRECT only */
 	ev_check step_w;             /* runs a write step each iteration */
 	ev_idle spin_w;              /* keeps the loop polling while jobs wait */
-	ev_timer retry_w;            /* retries the backlog */
 
 	_Atomic uint32_t pending;    /* writes accepted, not completed */
 	uint32_t max_pending;        /* cfg.max_pending_writes or default */
@@ -266,50 +265,6 @@ static void _forget(struct kvrt_disk *d, struct _disk_ent *e)
 
 /* --- completions ---------------------------------------------------------- */
 
-static void _backlog_push(struct kvrt_disk *d, const struct kvrt_msg *m)
-{
-	if (d->bl_count == d->bl_cap) {
-		uint32_t ncap = d->bl_cap ? d->bl_cap * 2 : 64;
-		struct kvrt_msg *nb = malloc(sizeof *nb * ncap);
-		if (!nb) {
-			/* Nowhere to keep it: the one place a completion can be
-			 * lost while running, and only when malloc fails. */
-			_INC(d, notify_lost, 1);
-			kvrt_error("disk %s: out of memory queueing a completion (type %u): lost",
-				   d->dir, m->type);
-			return;
-		}
-		for (uint32_t i = 0; i < d->bl_count; i++)
-			nb[i] = d->backlog[(d->bl_head + i) % d->bl_cap];
-		free(d->backlog);
-		d->backlog = nb;
-		d->bl_cap = ncap;
-		d->bl_head = 0;
-	}
-	d->backlog[(d->bl_head + d->bl_count) % d->bl_cap] = *m;
-	d->bl_count++;
-}
-
-/* Deliver backlogged completions in order while the notify mailbox has room. */
-static void _backlog_flush(struct kvrt_disk *d)
-{
-	while (d->bl_count) {
-		if (!kvrt_actor_try_post(d->cfg.notify, &d->backlog[d->bl_head]))
-			return;
-		d->bl_head = (d->bl_head + 1) % d->bl_cap;
-		d->bl_count--;
-	}
-}
-
-static void _on_retry(struct ev_loop *loop, ev_timer *w, int revents)
-{
-	(void)revents;
-	struct kvrt_disk *d = w->data;
-	_backlog_flush(d);
-	if (!d->bl_count)
-		ev_timer_stop(loop, w);
-}
-
 static void _notify(struct kvrt_disk *d, enum kvrt_disk_event ev, struct kvrt_chunk_key k,
 		    int status, uint64_t cookie, uint64_t bytes)
 {
@@ -319,12 +274,16 @@ static void _notify(struct kvrt_disk *d, enum kvrt_disk_event ev, struct kvrt_ch
 	m.arg.i64[2] = status;
 	m.arg.u64[3] = cookie;
 	m.arg.u64[4] = bytes;
-	if (!d->bl_count && kvrt_actor_try_post(d->cfg.notify, &m))
-		return;
-	_INC(d, notify_delayed, 1);
-	_backlog_push(d, &m);
-	if (!ev_is_active(&d->retry_w))
-		ev_timer_start(kvrt_actor_loop(d->self), &d->retry_w);
+	int rc = kvrt_outbox_send(&d->ob, &m);
+	if (rc == 1) {
+		_INC(d, notify_delayed, 1);
+	} else if (rc < 0) {
+		/* Nowhere to keep it: the one place a completion can be lost
+		 * while running, and only when malloc fails. */
+		_INC(d, notify_lost, 1);
+		kvrt_error("disk %s: out of memory queueing a completion (type %u): lost", d->dir,
+			   m.type);
+	}
 }
 
 /* --- file helpers ----------------------------------------------------------- */
@@ -833,6 +792,7 @@ static int _start(struct kvrt_actor *a)
 {
 	struct kvrt_disk *d = kvrt_actor_data(a);
 	d->self = a;
+	kvrt_outbox_init(&d->ob, d->cfg.notify, kvrt_actor_loop(a), _NOTIFY_RETRY_S);
 	return 0;
 }
 
@@ -847,22 +807,12 @@ static void _stop(struct kvrt_actor *a)
 		_job_step(d);
 	ev_check_stop(loop, &d->step_w);
 	ev_idle_stop(loop, &d->spin_w);
-	ev_timer_stop(loop, &d->retry_w);
-	uint64_t deadline = kvrt_now_ns() + _CLOSE_NOTIFY_NS;
-	while (d->bl_count) {
-		uint64_t now = kvrt_now_ns();
-		int rc = now < deadline ? kvrt_actor_post(d->cfg.notify, &d->backlog[d->bl_head],
-							  deadline - now)
-					: -ETIMEDOUT;
-		if (rc != 0) {
-			_INC(d, notify_lost, d->bl_count);
-			kvrt_error("disk %s: %u completions could not be delivered at close: %s",
-				   d->dir, d->bl_count, strerror(-rc));
-			d->bl_count = 0;
-			break;
-		}
-		d->bl_head = (d->bl_head + 1) % d->bl_cap;
-		d->bl_count--;
+	int rc;
+	uint32_t lost = kvrt_outbox_close(&d->ob, kvrt_now_ns() + _CLOSE_NOTIFY_NS, &rc);
+	if (lost) {
+		_INC(d, notify_lost, lost);
+		kvrt_error("disk %s: %u completions could not be delivered at close: %s", d->dir,
+			   lost, strerror(-rc));
 	}
 }
 
@@ -1097,7 +1047,7 @@ static void _free_all(struct kvrt_disk *d)
 	kvrt_chunk_sum_destroy(d->sum);
 	free(d->hdrbuf);
 	free(d->bounce);
-	free(d->backlog);
+	kvrt_outbox_free(&d->ob);
 	if (d->lockfd >= 0)
 		close(d->lockfd); /* releases the flock */
 	if (d->dirfd >= 0)
@@ -1188,8 +1138,6 @@ int kvrt_disk_open(struct kvrt_disk **out, const struct kvrt_disk_config *cfg)
 	d->step_w.data = d;
 	ev_idle_init(&d->spin_w, _on_spin);
 	d->spin_w.data = d;
-	ev_timer_init(&d->retry_w, _on_retry, _NOTIFY_RETRY_S, _NOTIFY_RETRY_S);
-	d->retry_w.data = d;
 	rc = kvrt_actor_create(&d->actor, &(struct kvrt_actor_config){
 						  .name = "disk",
 						  .mailbox_size = mbox,

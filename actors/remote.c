@@ -42,6 +42,7 @@
 #include <unistd.h>
 
 #include "runtime/log.h"
+#include "runtime/outbox.h"
 
 /* Exported by libhiredis 0.14 but not declared in its headers. */
 void redisProcessCallbacks(redisAsyncContext *ac);
@@ -187,9 +188,7 @@ struct kvrt_remote {
 	struct kvrt_completion *drain_c; /* close's wait */
 	uint64_t drain_deadline;
 	ev_timer tick_w;
-	ev_timer retry_w;           /* notify backlog */
-	struct kvrt_msg *backlog;
-	uint32_t bl_head, bl_count, bl_cap;
+	struct kvrt_outbox ob;      /* completions to cfg.notify */
 	bool err_logged;            /* one kvrt_error per kind of Redis error */
 	redisReplyObjectFunctions fns;   /* hooked reader functions */
 	redisReplyObjectFunctions *orig; /* hiredis' own */
@@ -452,46 +451,6 @@ static int _parse_url(struct kvrt_remote *r, const char *url)
 
 /* --- completions to notify ------------------------------------------------ */
 
-static void _backlog_push(struct kvrt_remote *r, const struct kvrt_msg *m)
-{
-	if (r->bl_count == r->bl_cap) {
-		uint32_t nc = r->bl_cap ? r->bl_cap * 2 : 64;
-		struct kvrt_msg *nb = malloc(nc * sizeof *nb);
-		if (!nb) {
-			_INC(r, notify_lost, 1);
-			kvrt_error("remote: out of memory queueing a completion: lost");
-			return;
-		}
-		for (uint32_t i = 0; i < r->bl_count; i++)
-			nb[i] = r->backlog[(r->bl_head + i) % r->bl_cap];
-		free(r->backlog);
-		r->backlog = nb;
-		r->bl_cap = nc;
-		r->bl_head = 0;
-	}
-	r->backlog[(r->bl_head + r->bl_count) % r->bl_cap] = *m;
-	r->bl_count++;
-}
-
-static void _backlog_flush(struct kvrt_remote *r)
-{
-	while (r->bl_count) {
-		if (!kvrt_actor_try_post(r->cfg.notify, &r->backlog[r->bl_head]))
-			break;
-		r->bl_head = (r->bl_head + 1) % r->bl_cap;
-		r->bl_count--;
-	}
-	if (!r->bl_count)
-		ev_timer_stop(r->loop, &r->retry_w);
-}
-
-static void _on_retry(struct ev_loop *loop, ev_timer *w, int revents)
-{
-	(void)loop;
-	(void)revents;
-	_backlog_flush(w->data);
-}
-
 static void _notify(struct kvrt_remote *r, enum kvrt_remote_event ev, struct kvrt_chunk_key k,
 		    int status, uint64_t cookie, uint64_t bytes, uint32_t arg32)
 {
@@ -501,12 +460,13 @@ static void _notify(struct kvrt_remote *r, enum kvrt_remote_event ev, struct kvr
 	m.arg.i64[2] = status;
 	m.arg.u64[3] = cookie;
 	m.arg.u64[4] = bytes;
-	if (!r->bl_count && kvrt_actor_try_post(r->cfg.notify, &m))
-		return;
-	_INC(r, notify_delayed, 1);
-	_backlog_push(r, &m);
-	if (!ev_is_active(&r->retry_w))
-		ev_timer_start(r->loop, &r->retry_w);
+	int rc = kvrt_outbox_send(&r->ob, &m);
+	if (rc == 1) {
+		_INC(r, notify_delayed, 1);
+	} else if (rc < 0) {
+		_INC(r, notify_lost, 1);
+		kvrt_error("remote: out of memory queueing a completion: lost");
+	}
 }
 
 /* --- request completion --------------------------------------------------- */
@@ -1716,8 +1676,7 @@ static int _start(struct kvrt_actor *a)
 	ev_timer_init(&r->tick_w, _on_tick, tick, tick);
 	r->tick_w.data = r;
 	ev_timer_start(r->loop, &r->tick_w);
-	ev_timer_init(&r->retry_w, _on_retry, _NOTIFY_RETRY_S, _NOTIFY_RETRY_S);
-	r->retry_w.data = r;
+	kvrt_outbox_init(&r->ob, r->cfg.notify, r->loop, _NOTIFY_RETRY_S);
 	for (uint32_t i = 0; i < r->nseeds; i++)
 		if (!_node_get(r, r->seeds[i], r->seed_ports[i]))
 			return -ENOMEM;
@@ -1748,22 +1707,13 @@ static void _stop(struct kvrt_actor *a)
 		r->drain_c = NULL;
 	}
 	ev_timer_stop(r->loop, &r->tick_w);
-	ev_timer_stop(r->loop, &r->retry_w);
 	/* Deliver what is left, waiting a while for room. */
-	uint64_t deadline = kvrt_now_ns() + _CLOSE_NOTIFY_NS;
-	while (r->bl_count) {
-		uint64_t now = kvrt_now_ns();
-		int rc = now < deadline ? kvrt_actor_post(r->cfg.notify, &r->backlog[r->bl_head],
-							  deadline - now)
-					: -ETIMEDOUT;
-		if (rc) {
-			_INC(r, notify_lost, r->bl_count);
-			kvrt_error("remote: %u completions could not be delivered (%s)", r->bl_count,
-				   rc == -ESHUTDOWN ? "the notify actor stopped" : "notify mailbox full");
-			break;
-		}
-		r->bl_head = (r->bl_head + 1) % r->bl_cap;
-		r->bl_count--;
+	int rc;
+	uint32_t lost = kvrt_outbox_close(&r->ob, kvrt_now_ns() + _CLOSE_NOTIFY_NS, &rc);
+	if (lost) {
+		_INC(r, notify_lost, lost);
+		kvrt_error("remote: %u completions could not be delivered (%s)", lost,
+			   rc == -ESHUTDOWN ? "the notify actor stopped" : "notify mailbox full");
 	}
 }
 
@@ -1797,7 +1747,7 @@ static void _free_all(struct kvrt_remote *r)
 		free(r->nodes[i]);
 	}
 	free(r->slots);
-	free(r->backlog);
+	kvrt_outbox_free(&r->ob);
 	free(r->url);
 	if (r->pass)
 		memset(r->pass, 0, strlen(r->pass));

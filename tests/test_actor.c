@@ -1,5 +1,6 @@
 /* Actors: FIFO per producer, nothing lost or duplicated, back-pressure,
- * shutdown with messages in flight, request/reply under load, hooks. */
+ * shutdown with messages in flight, request/reply under load, hooks; the
+ * outbox (runtime/outbox.h) to a full receiver. */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <ev.h>
@@ -9,6 +10,7 @@
 #include <unistd.h>
 
 #include "runtime/actor.h"
+#include "runtime/outbox.h"
 #include "tests/test_util.h"
 
 #define MAX_PRODUCERS 8
@@ -381,4 +383,64 @@ Test(actor, quiet_posts_filling_the_mailbox_wake_the_actor)
 	cr_assert_eq(s.got[0], n + 1);
 	cr_assert_eq(s.out_of_order, 0);
 	kvrt_actor_destroy(a);
+}
+
+/* An outbox (runtime/outbox.h) from a sender actor to a sink whose mailbox
+ * holds 4: the sender's burst of 500 never blocks it; the sink gets every
+ * message once, in order, the ones that waited through the retry timer and
+ * the rest when the sender's stop closes the outbox. */
+struct sender {
+	struct kvrt_outbox ob;
+	struct kvrt_actor *to;
+	uint32_t queued;    /* sends that had to wait */
+	uint32_t lost;      /* close could not deliver */
+	int close_rc;
+};
+
+static int sender_start(struct kvrt_actor *a)
+{
+	struct sender *s = kvrt_actor_data(a);
+	kvrt_outbox_init(&s->ob, s->to, kvrt_actor_loop(a), 0.0002);
+	return 0;
+}
+
+static void sender_handle(struct kvrt_actor *a, struct kvrt_msg *m)
+{
+	struct sender *s = kvrt_actor_data(a);
+	for (uint64_t i = 0; i < m->arg.u64[0]; i++) {
+		struct kvrt_msg out = {.type = MSG_SEQ, .arg32 = 0};
+		out.arg.u64[0] = i;
+		if (kvrt_outbox_send(&s->ob, &out) == 1)
+			s->queued++;
+	}
+}
+
+static void sender_stop(struct kvrt_actor *a)
+{
+	struct sender *s = kvrt_actor_data(a);
+	s->lost = kvrt_outbox_close(&s->ob, kvrt_now_ns() + 5000000000ull, &s->close_rc);
+}
+
+Test(actor, outbox_keeps_order_when_the_receiver_is_full, .timeout = 60)
+{
+	struct sink sk;
+	struct kvrt_actor *sink = make_sink(&sk, 4, &sink_ops);
+	struct sender s = {.to = sink};
+	static const struct kvrt_actor_ops ops = {
+		.start = sender_start, .handle = sender_handle, .stop = sender_stop};
+	struct kvrt_actor *a;
+	cr_assert_eq(kvrt_actor_create(&a, &(struct kvrt_actor_config){
+					   .name = "sender", .mailbox_size = 4, .ops = &ops, .data = &s}),
+		     0);
+	struct kvrt_msg go = {.type = 1};
+	go.arg.u64[0] = 500;
+	cr_assert_eq(kvrt_actor_post(a, &go, 1000000000ull), 0);
+	usleep(20000); /* some go through the retry timer */
+	kvrt_actor_destroy(a);
+	kvrt_outbox_free(&s.ob);
+	kvrt_actor_destroy(sink);
+	cr_assert_gt(s.queued, 0, "the sink never filled up: the test lost its point");
+	cr_assert_eq(s.lost, 0u, "%u lost (%d)", s.lost, s.close_rc);
+	cr_assert_eq(sk.got[0], 500u);
+	cr_assert_eq(sk.out_of_order, 0u);
 }
