@@ -1,5 +1,8 @@
 /* actors/remote.c: the remote tier on Redis / Redis Cluster; see remote.h for
- * the contract, the key and value formats, and the fault model.
+ * the contract, the key and value formats, and the fault model. The URL is
+ * parsed by redis_url.c, keys are named and slotted by redis_key.c;
+ * completions go out through an outbox (runtime/outbox.h). This file is
+ * the "remote" actor: nodes, the wire, cluster topology and routing.
  *
  * Structure
  * - Callers allocate a request (struct _req) and post its pointer to the
@@ -41,16 +44,15 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "actors/redis_url.h"
 #include "runtime/log.h"
 #include "runtime/outbox.h"
 
 /* Exported by libhiredis 0.14 but not declared in its headers. */
 void redisProcessCallbacks(redisAsyncContext *ac);
 
-#define _SLOTS 16384u
 #define _NO_NODE 0xffffu
 #define _MAX_NODES 256u
-#define _MAX_HOSTS 64u
 #define _MAX_REDIRECTS 3u
 #define _READ_STEP (1u << 20)         /* bytes per read(2) */
 #define _READ_BUDGET (16u << 20)      /* bytes read per wake-up, at most */
@@ -72,7 +74,7 @@ enum _kind {
 	_K_DEL = 3,    /* UNLINK key */
 	_K_PURGE,      /* UNLINK of a corrupt value (internal, no completion) */
 	_K_HELLO,      /* AUTH / SELECT / PING handshake step */
-	_K_SLOTS,      /* CLUSTER SLOTS */
+	_KKVRT_REDIS_SLOTS,      /* CLUSTER SLOTS */
 	_K_ASKING,     /* ASKING before a redirected command */
 };
 
@@ -161,12 +163,8 @@ struct _counters {
 struct kvrt_remote {
 	struct kvrt_remote_config cfg;
 	char *url;                  /* copy */
-	char *user, *pass;          /* decoded credentials, or NULL */
-	int db;
-	bool cluster;
-	uint32_t nseeds;
-	char seeds[_MAX_HOSTS][256];
-	int seed_ports[_MAX_HOSTS];
+	struct kvrt_redis_url u;     /* the URL, parsed (actors/redis_url.h) */
+	bool cluster;               /* a cluster (the URL said so, or a MOVED did) */
 	uint64_t timeout_ns;
 	struct kvrt_actor *actor;
 	struct ev_loop *loop;
@@ -174,7 +172,7 @@ struct kvrt_remote {
 	/* actor-owned */
 	struct _node *nodes[_MAX_NODES];
 	uint32_t nnodes;
-	uint16_t *slots;            /* _SLOTS entries: node index or _NO_NODE */
+	uint16_t *slots;            /* KVRT_REDIS_SLOTS entries: node index or _NO_NODE */
 	bool have_slots;            /* a slot table was loaded once */
 	bool refreshing;            /* CLUSTER SLOTS in flight */
 	bool refresh_wanted;
@@ -206,248 +204,6 @@ struct kvrt_remote {
 static char _sentinel; /* the reply object of a GET the reader hook handled */
 
 static const char *_kind_cmd[] = {"SET", "GET", "EXISTS", "UNLINK", "UNLINK"};
-
-/* --- keys ---------------------------------------------------------------- */
-
-void kvrt_remote_key_name(uint64_t ns, struct kvrt_chunk_key k, char out[KVRT_REMOTE_KEY_BUF])
-{
-	snprintf(out, KVRT_REMOTE_KEY_BUF, "kvrt:1:%016" PRIx64 ":%016" PRIx64 "%016" PRIx64, ns,
-		 k.hi, k.lo);
-}
-
-/* CRC16-CCITT (XMODEM: poly 0x1021, init 0), as Redis Cluster specifies;
- * byte-wise with a table built on first use (racing builders write the same
- * values; the flag is release/acquire so a reader sees a complete table). */
-static uint16_t _crc_tab[256];
-static _Atomic bool _crc_ready;
-
-static uint16_t _crc16(const char *p, size_t n)
-{
-	if (!atomic_load_explicit(&_crc_ready, memory_order_acquire)) {
-		for (unsigned v = 0; v < 256; v++) {
-			uint16_t c = (uint16_t)(v << 8);
-			for (int b = 0; b < 8; b++)
-				c = (c & 0x8000) ? (uint16_t)(c << 1 ^ 0x1021) : (uint16_t)(c << 1);
-			__atomic_store_n(&_crc_tab[v], c, __ATOMIC_RELAXED);
-		}
-		atomic_store_explicit(&_crc_ready, true, memory_order_release);
-	}
-	uint16_t crc = 0;
-	for (size_t i = 0; i < n; i++)
-		crc = (uint16_t)(crc << 8) ^
-		      __atomic_load_n(&_crc_tab[(uint8_t)(crc >> 8 ^ (uint8_t)p[i])], __ATOMIC_RELAXED);
-	return crc;
-}
-
-uint32_t kvrt_remote_key_slot(const char *key, size_t len)
-{
-	/* Hash tag: the bytes between the first '{' and the next '}' when that
-	 * is not empty. */
-	size_t s = 0;
-	while (s < len && key[s] != '{')
-		s++;
-	if (s < len) {
-		size_t e = s + 1;
-		while (e < len && key[e] != '}')
-			e++;
-		if (e < len && e > s + 1)
-			return _crc16(key + s + 1, e - s - 1) & (_SLOTS - 1);
-	}
-	return _crc16(key, len) & (_SLOTS - 1);
-}
-
-/* --- URL ------------------------------------------------------------------ */
-
-static int _hex(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
-/* Percent-decode [p, p+n) into a new string; NULL on a bad escape / ENOMEM. */
-static char *_pct_decode(const char *p, size_t n, bool *bad)
-{
-	char *o = malloc(n + 1);
-	size_t j = 0;
-	if (!o)
-		return NULL;
-	for (size_t i = 0; i < n; i++) {
-		if (p[i] == '%') {
-			int h1 = i + 1 < n ? _hex(p[i + 1]) : -1;
-			int h2 = i + 2 < n ? _hex(p[i + 2]) : -1;
-			if (h1 < 0 || h2 < 0) {
-				*bad = true;
-				free(o);
-				return NULL;
-			}
-			o[j++] = (char)(h1 << 4 | h2);
-			i += 2;
-		} else {
-			o[j++] = p[i];
-		}
-	}
-	o[j] = 0;
-	return o;
-}
-
-/* Parse "host[:port]" of n bytes (IPv6 in brackets). */
-static int _parse_hostport(struct kvrt_remote *r, const char *p, size_t n, char host[256],
-			   int *port)
-{
-	const char *colon = NULL;
-	const char *hs = p, *he;
-	if (n && p[0] == '[') {
-		const char *rb = memchr(p, ']', n);
-		if (!rb) {
-			kvrt_error("remote_url: unterminated '[' in an IPv6 host");
-			return -EINVAL;
-		}
-		hs = p + 1;
-		he = rb;
-		if (rb + 1 < p + n) {
-			if (rb[1] != ':') {
-				kvrt_error("remote_url: expected ':' after ']'");
-				return -EINVAL;
-			}
-			colon = rb + 1;
-		}
-	} else {
-		colon = memchr(p, ':', n);
-		he = colon ? colon : p + n;
-	}
-	if (he == hs || (size_t)(he - hs) >= 256) {
-		kvrt_error("remote_url: a host is empty or too long");
-		return -EINVAL;
-	}
-	memcpy(host, hs, (size_t)(he - hs));
-	host[he - hs] = 0;
-	*port = 6379;
-	if (colon) {
-		const char *ps = colon + 1, *pe = p + n;
-		long v = 0;
-		if (ps == pe || pe - ps > 5) {
-			kvrt_error("remote_url: port of %s must be 1..65535", host);
-			return -EINVAL;
-		}
-		for (const char *q = ps; q < pe; q++) {
-			if (*q < '0' || *q > '9') {
-				kvrt_error("remote_url: port of %s must be a number 1..65535", host);
-				return -EINVAL;
-			}
-			v = v * 10 + (*q - '0');
-		}
-		if (v < 1 || v > 65535) {
-			kvrt_error("remote_url: port of %s must be 1..65535", host);
-			return -EINVAL;
-		}
-		*port = (int)v;
-	}
-	(void)r;
-	return 0;
-}
-
-static int _parse_url(struct kvrt_remote *r, const char *url)
-{
-	if (!url || !*url) {
-		kvrt_error("remote_url is empty: expected redis://host:port or redis-cluster://host:port,...");
-		return -EINVAL;
-	}
-	const char *p;
-	if (!strncmp(url, "rediss://", 9)) {
-		kvrt_error("remote_url: rediss:// (TLS) is not supported: this kvrt is built with hiredis %d.%d, which has no TLS (hiredis_ssl needs hiredis >= 1.0); use redis:// on a trusted network or a TLS tunnel",
-			   HIREDIS_MAJOR, HIREDIS_MINOR);
-		return -EPROTONOSUPPORT;
-	} else if (!strncmp(url, "redis-cluster://", 16)) {
-		p = url + 16;
-		r->cluster = true;
-	} else if (!strncmp(url, "redis://", 8)) {
-		p = url + 8;
-	} else {
-		kvrt_error("remote_url: unknown scheme (expected redis://, redis-cluster://; rediss:// is not supported)");
-		return -EINVAL;
-	}
-	if (strpbrk(p, "?#")) {
-		kvrt_error("remote_url: query options (?...) are not supported");
-		return -EINVAL;
-	}
-	/* credentials */
-	const char *at = strrchr(p, '@');
-	if (at) {
-		const char *colon = memchr(p, ':', (size_t)(at - p));
-		bool bad = false;
-		if (colon) {
-			if (colon > p)
-				r->user = _pct_decode(p, (size_t)(colon - p), &bad);
-			if (!bad)
-				r->pass = _pct_decode(colon + 1, (size_t)(at - colon - 1), &bad);
-		} else {
-			/* redis://password@host: a password alone (as redis-cli -u does) */
-			r->pass = _pct_decode(p, (size_t)(at - p), &bad);
-		}
-		if (bad) {
-			kvrt_error("remote_url: bad %%XX escape in the user or password");
-			return -EINVAL;
-		}
-		if ((colon && colon > p && !r->user) || !r->pass)
-			return -ENOMEM;
-		p = at + 1;
-	}
-	/* hosts, then /db */
-	const char *slash = strchr(p, '/');
-	size_t hl = slash ? (size_t)(slash - p) : strlen(p);
-	r->db = 0;
-	if (slash) {
-		const char *d = slash + 1;
-		long v = 0;
-		if (!*d || strlen(d) > 5) {
-			kvrt_error("remote_url: database after '/' must be a number 0..65535");
-			return -EINVAL;
-		}
-		for (; *d; d++) {
-			if (*d < '0' || *d > '9') {
-				kvrt_error("remote_url: database after '/' must be a number 0..65535");
-				return -EINVAL;
-			}
-			v = v * 10 + (*d - '0');
-		}
-		r->db = (int)v;
-	}
-	const char *e = p + hl;
-	while (p < e) {
-		const char *comma = memchr(p, ',', (size_t)(e - p));
-		const char *he = comma ? comma : e;
-		if (r->nseeds == _MAX_HOSTS) {
-			kvrt_error("remote_url: more than %u hosts", _MAX_HOSTS);
-			return -EINVAL;
-		}
-		int rc = _parse_hostport(r, p, (size_t)(he - p), r->seeds[r->nseeds],
-					 &r->seed_ports[r->nseeds]);
-		if (rc)
-			return rc;
-		r->nseeds++;
-		p = comma ? comma + 1 : e;
-		if (comma && p == e) {
-			kvrt_error("remote_url: trailing ',' after the hosts");
-			return -EINVAL;
-		}
-	}
-	if (!r->nseeds) {
-		kvrt_error("remote_url: no host");
-		return -EINVAL;
-	}
-	if (r->nseeds > 1)
-		r->cluster = true;
-	if (r->cluster && r->db) {
-		kvrt_error("remote_url: Redis Cluster has only database 0 (drop the /%d)", r->db);
-		return -EINVAL;
-	}
-	return 0;
-}
 
 /* --- completions to notify ------------------------------------------------ */
 
@@ -576,7 +332,7 @@ static void _complete(struct kvrt_remote *r, struct _req *q)
 		_req_free(q);
 		return;
 	case _K_HELLO:
-	case _K_SLOTS:
+	case _KKVRT_REDIS_SLOTS:
 		KVRT_ASSERT(!"internal requests are finished by their callbacks");
 	}
 	_req_free(q);
@@ -925,7 +681,7 @@ static int _frame(struct kvrt_remote *r, struct _req *q)
 		k += (size_t)sprintf((char *)o, "*1\r\n");
 		k += _bulk(o + k, "ASKING", 6);
 		break;
-	case _K_SLOTS:
+	case _KKVRT_REDIS_SLOTS:
 		k += (size_t)sprintf((char *)o, "*2\r\n");
 		k += _bulk(o + k, "CLUSTER", 7);
 		k += _bulk(o + k, "SLOTS", 5);
@@ -1101,18 +857,18 @@ static int _node_hello(struct _node *n)
 	for (int step = 0; step < 3; step++) {
 		char dbs[16];
 		if (step == 0) {
-			if (!r->pass)
+			if (!r->u.pass)
 				continue;
 			argv[0] = "AUTH";
 			argc = 1;
-			if (r->user) {
-				argv[argc++] = r->user;
+			if (r->u.user) {
+				argv[argc++] = r->u.user;
 			}
-			argv[argc++] = r->pass;
+			argv[argc++] = r->u.pass;
 		} else if (step == 1) {
-			if (!r->db)
+			if (!r->u.db)
 				continue;
-			snprintf(dbs, sizeof dbs, "%d", r->db);
+			snprintf(dbs, sizeof dbs, "%d", r->u.db);
 			argv[0] = "SELECT";
 			argv[1] = dbs;
 			argc = 2;
@@ -1271,7 +1027,7 @@ static void _load_slots(struct kvrt_remote *r, struct _node *from, redisReply *r
 		const char *host = m->element[0]->str;
 		if (!*host || !strcmp(host, "?"))
 			host = from->host; /* "unknown endpoint": the node we asked */
-		if (lo < 0 || hi >= (long long)_SLOTS || lo > hi)
+		if (lo < 0 || hi >= (long long)KVRT_REDIS_SLOTS || lo > hi)
 			continue;
 		struct _node *own = _node_get(r, host, (int)m->element[1]->integer);
 		if (!own)
@@ -1281,8 +1037,8 @@ static void _load_slots(struct kvrt_remote *r, struct _node *from, redisReply *r
 		covered += (uint32_t)(hi - lo + 1);
 	}
 	_INC(r, refreshes, 1);
-	if (covered < _SLOTS)
-		kvrt_debug("remote: cluster slot table covers %u of %u slots", covered, _SLOTS);
+	if (covered < KVRT_REDIS_SLOTS)
+		kvrt_debug("remote: cluster slot table covers %u of %u slots", covered, KVRT_REDIS_SLOTS);
 	if (!r->have_slots && covered) {
 		r->have_slots = true;
 		_signal_ready(r, 0);
@@ -1303,7 +1059,7 @@ static void _refresh(struct kvrt_remote *r, bool force)
 		struct _node *n = r->nodes[(r->refresh_rr + k) % r->nnodes];
 		if (n->state == _N_DOWN)
 			continue;
-		struct _req *q = _ctl_req(_K_SLOTS);
+		struct _req *q = _ctl_req(_KKVRT_REDIS_SLOTS);
 		if (!q)
 			return;
 		_frame(r, q);
@@ -1381,7 +1137,7 @@ static bool _parse_redirect(const char *s, const char *word, uint32_t *slot, cha
 		return false;
 	char *end;
 	unsigned long sl = strtoul(s + wl + 1, &end, 10);
-	if (*end != ' ' || sl >= _SLOTS)
+	if (*end != ' ' || sl >= KVRT_REDIS_SLOTS)
 		return false;
 	const char *hp = end + 1;
 	const char *colon = strrchr(hp, ':');
@@ -1417,7 +1173,7 @@ static void _on_error_reply(struct kvrt_remote *r, struct _node *n, struct _req 
 				  n->addr, moved ? "MOVED" : "ASK");
 			r->cluster = true;
 			_SETC(r, cluster, 1);
-			for (uint32_t s = 0; s < _SLOTS; s++)
+			for (uint32_t s = 0; s < KVRT_REDIS_SLOTS; s++)
 				r->slots[s] = _NO_NODE;
 			r->have_slots = true; /* filled by redirects and the refresh */
 			_refresh(r, true);
@@ -1462,8 +1218,8 @@ static void _on_reply(redisAsyncContext *ac, void *reply, void *priv)
 		int st = n->fail_status ? n->fail_status : -ECONNRESET;
 		switch (q->kind) {
 		case _K_HELLO:
-		case _K_SLOTS:
-			if (q->kind == _K_SLOTS)
+		case _KKVRT_REDIS_SLOTS:
+			if (q->kind == _KKVRT_REDIS_SLOTS)
 				r->refreshing = false;
 			_req_free(q);
 			return;
@@ -1500,7 +1256,7 @@ static void _on_reply(redisAsyncContext *ac, void *reply, void *priv)
 		}
 		_req_free(q);
 		return;
-	case _K_SLOTS:
+	case _KKVRT_REDIS_SLOTS:
 		r->refreshing = false;
 		if (rep && rep->type == REDIS_REPLY_ARRAY) {
 			_load_slots(r, n, rep);
@@ -1677,8 +1433,8 @@ static int _start(struct kvrt_actor *a)
 	r->tick_w.data = r;
 	ev_timer_start(r->loop, &r->tick_w);
 	kvrt_outbox_init(&r->ob, r->cfg.notify, r->loop, _NOTIFY_RETRY_S);
-	for (uint32_t i = 0; i < r->nseeds; i++)
-		if (!_node_get(r, r->seeds[i], r->seed_ports[i]))
+	for (uint32_t i = 0; i < r->u.nhosts; i++)
+		if (!_node_get(r, r->u.host[i], r->u.port[i]))
 			return -ENOMEM;
 	if (r->cluster)
 		_refresh(r, true);
@@ -1749,10 +1505,7 @@ static void _free_all(struct kvrt_remote *r)
 	free(r->slots);
 	kvrt_outbox_free(&r->ob);
 	free(r->url);
-	if (r->pass)
-		memset(r->pass, 0, strlen(r->pass));
-	free(r->user);
-	free(r->pass);
+	kvrt_redis_url_clear(&r->u);
 	free(r);
 }
 
@@ -1781,17 +1534,18 @@ int kvrt_remote_open(struct kvrt_remote **out, const struct kvrt_remote_config *
 		r->cfg.timeout_ms = 1000;
 	r->timeout_ns = (uint64_t)r->cfg.timeout_ms * 1000000u;
 	r->max_pending = cfg->max_pending_writes ? cfg->max_pending_writes : 16;
-	int rc = _parse_url(r, cfg->url);
+	int rc = kvrt_redis_url_parse(&r->u, cfg->url);
+	r->cluster = r->u.cluster;
 	if (rc)
 		goto err;
 	rc = -ENOMEM;
 	r->url = strdup(cfg->url);
-	r->slots = malloc(_SLOTS * sizeof *r->slots);
+	r->slots = malloc(KVRT_REDIS_SLOTS * sizeof *r->slots);
 	if (!r->url || !r->slots)
 		goto err;
 	r->cfg.url = r->url;
 	_SETC(r, cluster, r->cluster);
-	for (uint32_t s = 0; s < _SLOTS; s++)
+	for (uint32_t s = 0; s < KVRT_REDIS_SLOTS; s++)
 		r->slots[s] = _NO_NODE;
 	rc = kvrt_actor_create(&r->actor, &(struct kvrt_actor_config){
 						  .name = "remote",
@@ -1811,7 +1565,7 @@ int kvrt_remote_open(struct kvrt_remote **out, const struct kvrt_remote_config *
 	}
 	if (rc)
 		kvrt_warn("remote: %s%s not reachable within %u ms (%s): running with misses, reconnecting in the background",
-			  r->cluster ? "Redis Cluster at " : "Redis at ", r->seeds[0],
+			  r->cluster ? "Redis Cluster at " : "Redis at ", r->u.host[0],
 			  r->cfg.timeout_ms, strerror(-rc));
 	*out = r;
 	return 0;

@@ -89,13 +89,11 @@
 #define KVRT_ACTORS_REMOTE_H
 
 #include "actors/chunk.h"
+#include "actors/redis_key.h"
 #include "runtime/actor.h"
 
 struct kvrt_remote;
 
-/* Length of a Redis key (without terminator) and the buffer that holds one. */
-#define KVRT_REMOTE_KEY_LEN 56u
-#define KVRT_REMOTE_KEY_BUF 64u
 /* Most keys in one kvrt_remote_exists batch. */
 #define KVRT_REMOTE_EXISTS_MAX 4096u
 
@@ -199,13 +197,6 @@ int kvrt_remote_exists(struct kvrt_remote *r, const struct kvrt_chunk_key *keys,
 /* Queue a delete of key's value. Any thread; never blocks. 0 (REMOVED will
  * come), -EAGAIN, -ESHUTDOWN, -ENOMEM. */
 int kvrt_remote_remove(struct kvrt_remote *r, struct kvrt_chunk_key key, uint64_t cookie);
-
-/* The Redis key of a chunk: KVRT_REMOTE_KEY_LEN characters and a NUL. */
-void kvrt_remote_key_name(uint64_t namespace_hash, struct kvrt_chunk_key key,
-			  char out[KVRT_REMOTE_KEY_BUF]);
-
-/* The cluster hash slot (0..16383) of a key of len bytes ({tag} rules). */
-uint32_t kvrt_remote_key_slot(const char *key, size_t len);
 
 void kvrt_remote_stats(struct kvrt_remote *r, struct kvrt_remote_stats *out);
 
