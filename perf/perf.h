@@ -72,4 +72,12 @@ double kvrt_perf_percentile(double *v, size_t n, double q);
 int kvrt_perf_cpu_put_get(struct kvrt_perf *p, size_t bytes, uint32_t tokens, double *put, double *get,
 			  uint64_t *refused);
 
+struct kvrt_index;
+struct kvrt_chunk_key;
+/* Insert keys[0..nk) and `filler` other entries (CPU tier, no slab) into
+ * idx, with progress under `what`: a served cache is not empty
+ * (suite_store.c; the lmcache suite uses it too). 0 or -ENOMEM. */
+int kvrt_perf_index_fill(struct kvrt_perf *p, struct kvrt_index *idx, const struct kvrt_chunk_key *keys,
+			 uint64_t nk, uint64_t filler, const char *what);
+
 #endif

@@ -569,19 +569,8 @@ static int kvrt_lookups(struct kvrt_perf *p, const size_t *sizes, size_t nsizes,
 		goto out;
 	/* Every chunk of the longest prompt (so of each shorter one), plus
 	 * filler entries: a served cache is not empty. */
-	for (uint64_t i = 0; i < entries + nk; i++) {
-		struct kvrt_chunk_key k = i < nk ? keys[i]
-						 : (struct kvrt_chunk_key){.lo = i * 0x9e3779b97f4a7c15ull, .hi = ~i};
-		struct kvrt_index_entry *e = kvrt_index_entry_new(idx, k, KVRT_TIER_CPU);
-		if (!e || kvrt_index_insert(idx, e)) {
-			kvrt_index_entry_free(idx, e);
-			rc = -ENOMEM;
-			goto out;
-		}
-		if ((i & 65535) == 0)
-			kvrt_perf_progress(p, "kvrt index fill", i, entries + nk);
-	}
-	kvrt_perf_progress(p, "kvrt index fill", entries + nk, entries + nk);
+	if ((rc = kvrt_perf_index_fill(p, idx, keys, nk, entries, "kvrt index fill")))
+		goto out;
 	if (!(r = kvrt_index_reader_open(idx))) {
 		rc = -ENOMEM;
 		goto out;

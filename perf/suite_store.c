@@ -65,6 +65,25 @@ static double memcpy_gbps(void *dst, const void *src, size_t n, int reps)
 	return gbps(n, median(t, (size_t)reps));
 }
 
+int kvrt_perf_index_fill(struct kvrt_perf *p, struct kvrt_index *idx, const struct kvrt_chunk_key *keys,
+			 uint64_t nk, uint64_t filler, const char *what)
+{
+	for (uint64_t i = 0; i < filler + nk; i++) {
+		struct kvrt_chunk_key k = i < nk ? keys[i]
+						 : (struct kvrt_chunk_key){.lo = i * 0x9e3779b97f4a7c15ull,
+									   .hi = ~i};
+		struct kvrt_index_entry *e = kvrt_index_entry_new(idx, k, KVRT_TIER_CPU);
+		if (!e || kvrt_index_insert(idx, e)) {
+			kvrt_index_entry_free(idx, e);
+			return -ENOMEM;
+		}
+		if ((i & 65535) == 0)
+			kvrt_perf_progress(p, what, i, filler + nk);
+	}
+	kvrt_perf_progress(p, what, filler + nk, filler + nk);
+	return 0;
+}
+
 int kvrt_perf_cpu_put_get(struct kvrt_perf *p, size_t bytes, uint32_t tokens, double *put, double *get,
 			  uint64_t *refused)
 {
@@ -218,20 +237,8 @@ static int run_lookup(struct kvrt_perf *p)
 	if ((rc = kvrt_index_create(&idx, &(struct kvrt_index_config){.capacity = entries + nk})))
 		goto out;
 	/* The prompt's chunks plus filler entries. */
-	for (uint64_t i = 0; i < entries + nk; i++) {
-		struct kvrt_chunk_key k = i < nk ? keys[i]
-						 : (struct kvrt_chunk_key){.lo = i * 0x9e3779b97f4a7c15ull,
-									   .hi = ~i};
-		struct kvrt_index_entry *e = kvrt_index_entry_new(idx, k, KVRT_TIER_CPU);
-		if (!e || kvrt_index_insert(idx, e)) {
-			kvrt_index_entry_free(idx, e);
-			rc = -ENOMEM;
-			goto out;
-		}
-		if ((i & 65535) == 0)
-			kvrt_perf_progress(p, "index fill", i, entries + nk);
-	}
-	kvrt_perf_progress(p, "index fill", entries + nk, entries + nk);
+	if ((rc = kvrt_perf_index_fill(p, idx, keys, nk, entries, "index fill")))
+		goto out;
 	r = kvrt_index_reader_open(idx);
 	if (!r)
 		goto out;
