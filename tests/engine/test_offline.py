@@ -72,13 +72,13 @@ def offline(model_dir, model_bf16, baseline):
     }
     # Preemption: a pool of 16 blocks for 4 documents of 6 blocks each,
     # vLLM's cache holding the first 3 blocks of each (a load starting mid-
-    # chunk), generating 120 tokens: preempted requests resume from local
+    # chunk), generating 200 tokens: preempted requests resume from local
     # hits plus kvrt. Without kvrt and with it (the tokens to compare).
     pre = {"model": model_dir, "llm": dict(LLM_FP32, num_gpu_blocks_override=16,
                                            max_model_len=1024),
            "phases": [{"prompts": [d + q for d, q in zip(DOCS, PRE_Q)], "max_tokens": 8},
                       {"prompts": [d[:400] for d in DOCS], "max_tokens": 4, "reset_local": True},
-                      {"prompts": [d + q for d, q in zip(DOCS, PRE_Q2)], "max_tokens": 120}]}
+                      {"prompts": [d + q for d, q in zip(DOCS, PRE_Q2)], "max_tokens": 200}]}
     runs["preempt_base"] = dict(pre, kvrt=None)
     runs["preempt"] = dict(pre, kvrt=KVRT)
     try:
