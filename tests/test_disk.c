@@ -335,6 +335,29 @@ static struct kvrt_chunk_header good_header(void)
 	};
 }
 
+/* A disk tier in a fresh directory, its completions collected. */
+struct drig {
+	char *dir;
+	struct collector *c;
+	struct kvrt_disk *d;
+};
+
+static struct drig drig_up(uint32_t mailbox, uint64_t budget, bool odirect)
+{
+	struct drig g = {.dir = tmp_dir()};
+	g.c = coll_new(mailbox);
+	g.d = open_disk(g.dir, g.c, budget, odirect);
+	return g;
+}
+
+/* After the test closed g->d: the collector and the directory go. */
+static void drig_down(struct drig *g)
+{
+	coll_free(g->c);
+	rm_rf(g->dir);
+	free(g->dir);
+}
+
 Test(chunk_header, round_trip_and_layout)
 {
 	struct kvrt_chunk_header h = good_header(), o;
@@ -520,13 +543,11 @@ static void free_chunks(struct chunk *v, size_t n)
 
 static void round_trip(bool odirect)
 {
-	char *dir = tmp_dir();
-	struct collector *c = coll_new(1024);
-	struct kvrt_disk *d = open_disk(dir, c, 1ull << 32, odirect);
+	struct drig g = drig_up(1024, 1ull << 32, odirect);
 	struct kvrt_disk_stats st;
-	kvrt_disk_stats(d, &st);
+	kvrt_disk_stats(g.d, &st);
 	if (odirect)
-		cr_log_info("O_DIRECT %s on %s", st.odirect ? "in use" : "refused", dir);
+		cr_log_info("O_DIRECT %s on %s", st.odirect ? "in use" : "refused", g.dir);
 	uint64_t rng = 0xabcdef01 + odirect;
 	size_t n = kvrt_test_scaled(48, 8);
 	struct chunk *v = calloc(n, sizeof *v);
@@ -536,38 +557,36 @@ static void round_trip(bool odirect)
 	size_t waited = 0;
 	for (size_t i = 0; i < n; i++) {
 		int rc;
-		while ((rc = kvrt_disk_write(d, &v[i].h, v[i].payload, 42)) == -EAGAIN) {
-			struct kvrt_msg m = coll_wait(c, KVRT_DISK_WRITTEN, v[waited].h.key);
+		while ((rc = kvrt_disk_write(g.d, &v[i].h, v[i].payload, 42)) == -EAGAIN) {
+			struct kvrt_msg m = coll_wait(g.c, KVRT_DISK_WRITTEN, v[waited].h.key);
 			cr_assert_eq(m.arg.i64[2], 0);
 			waited++;
 		}
 		cr_assert_eq(rc, 0);
 	}
 	for (; waited < n; waited++) {
-		struct kvrt_msg m = coll_wait(c, KVRT_DISK_WRITTEN, v[waited].h.key);
+		struct kvrt_msg m = coll_wait(g.c, KVRT_DISK_WRITTEN, v[waited].h.key);
 		cr_assert_eq(m.arg.i64[2], 0, "write %zu: %s", waited, strerror((int)-m.arg.i64[2]));
 		cr_assert_eq(m.arg.u64[4], v[waited].h.payload_len);
 	}
 	for (size_t i = 0; i < n; i++)
-		cr_assert_eq(read_check(d, c, &v[i], i % 2 == 0), 0, "read %zu", i);
-	kvrt_disk_stats(d, &st);
+		cr_assert_eq(read_check(g.d, g.c, &v[i], i % 2 == 0), 0, "read %zu", i);
+	kvrt_disk_stats(g.d, &st);
 	cr_assert_eq(st.files, n);
 	cr_assert_eq(st.writes, n);
 	cr_assert_eq(st.reads, n);
 	cr_assert_eq(st.err_corrupt + st.err_io + st.err_missing + st.notify_lost, 0);
 	/* A key never written: a miss. */
 	struct chunk other = mk_chunk(NS, &rng, 4096);
-	cr_assert_eq(read_check(d, c, &other, true), -ENOENT);
+	cr_assert_eq(read_check(g.d, g.c, &other, true), -ENOENT);
 	/* A second write of the same key is a no-op success. */
-	cr_assert_eq(write_sync(d, c, &v[0]), 0);
-	cr_assert_eq(count_files(dir, ".kvc"), (int)n);
-	kvrt_disk_close(d);
-	cr_assert_eq(count_files(dir, ".tmp"), 0);
+	cr_assert_eq(write_sync(g.d, g.c, &v[0]), 0);
+	cr_assert_eq(count_files(g.dir, ".kvc"), (int)n);
+	kvrt_disk_close(g.d);
+	cr_assert_eq(count_files(g.dir, ".tmp"), 0);
 	free(other.payload);
 	free_chunks(v, n);
-	coll_free(c);
-	rm_rf(dir);
-	free(dir);
+	drig_down(&g);
 }
 
 Test(disk, round_trip_buffered)
@@ -618,24 +637,22 @@ static bool key_found(struct kvrt_chunk_key k)
 
 Test(disk, restart_reindexes_in_lru_order)
 {
-	char *dir = tmp_dir();
-	struct collector *c = coll_new(1024);
-	struct kvrt_disk *d = open_disk(dir, c, 1ull << 32, false);
+	struct drig g = drig_up(1024, 1ull << 32, false);
 	cr_assert_eq(nfound, 0);
 	uint64_t rng = 99;
 	size_t n = 20;
 	struct chunk *v = calloc(n, sizeof *v);
 	for (size_t i = 0; i < n; i++) {
 		v[i] = mk_chunk(NS, &rng, 64 << 10);
-		cr_assert_eq(write_sync(d, c, &v[i]), 0);
+		cr_assert_eq(write_sync(g.d, g.c, &v[i]), 0);
 	}
 	/* Touch chunk 0: it becomes the newest. mtimes have ns resolution on
 	 * ext4/tmpfs; sleep a little so the order is not a tie. */
 	usleep(20000);
-	cr_assert_eq(read_check(d, c, &v[0], true), 0);
-	kvrt_disk_close(d);
+	cr_assert_eq(read_check(g.d, g.c, &v[0], true), 0);
+	kvrt_disk_close(g.d);
 
-	d = open_disk(dir, c, 1ull << 32, false);
+	g.d = open_disk(g.dir, g.c, 1ull << 32, false);
 	cr_assert_eq(nfound, n, "on_found reported %zu of %zu", nfound, n);
 	for (size_t i = 0; i < n; i++) {
 		cr_assert(key_found(v[i].h.key), "chunk %zu not re-indexed", i);
@@ -649,18 +666,16 @@ Test(disk, restart_reindexes_in_lru_order)
 				cr_assert_eq(found[j].payload_len, v[i].h.payload_len);
 				cr_assert_eq(found[j].num_tokens, v[i].h.num_tokens);
 			}
-		cr_assert_eq(read_check(d, c, &v[i], false), 0, "read %zu after restart", i);
+		cr_assert_eq(read_check(g.d, g.c, &v[i], false), 0, "read %zu after restart", i);
 	}
 	struct kvrt_disk_stats st;
-	kvrt_disk_stats(d, &st);
+	kvrt_disk_stats(g.d, &st);
 	cr_assert_eq(st.found, n);
 	cr_assert_eq(st.files, n);
 	cr_assert_eq(st.skipped, 0);
-	kvrt_disk_close(d);
+	kvrt_disk_close(g.d);
 	free_chunks(v, n);
-	coll_free(c);
-	rm_rf(dir);
-	free(dir);
+	drig_down(&g);
 }
 
 Test(disk, second_open_of_a_directory_is_busy)
@@ -701,90 +716,82 @@ static void flip_byte(const char *path, off_t off)
 
 Test(disk, corrupt_payload_or_header_is_ebadmsg_and_dropped)
 {
-	char *dir = tmp_dir();
-	struct collector *c = coll_new(64);
-	struct kvrt_disk *d = open_disk(dir, c, 1ull << 30, false);
+	struct drig g = drig_up(64, 1ull << 30, false);
 	uint64_t rng = 5;
 	struct chunk a = mk_chunk_sized(NS, &rng, 2, 100, 512);
 	struct chunk b = mk_chunk_sized(NS, &rng, 2, 100, 512);
 	struct chunk e = mk_chunk_sized(NS, &rng, 2, 100, 512);
-	cr_assert_eq(write_sync(d, c, &a), 0);
-	cr_assert_eq(write_sync(d, c, &b), 0);
-	cr_assert_eq(write_sync(d, c, &e), 0);
+	cr_assert_eq(write_sync(g.d, g.c, &a), 0);
+	cr_assert_eq(write_sync(g.d, g.c, &b), 0);
+	cr_assert_eq(write_sync(g.d, g.c, &e), 0);
 	char pa[512], pb[512];
-	chunk_path(dir, a.h.key, ".kvc", pa, sizeof pa);
-	chunk_path(dir, b.h.key, ".kvc", pb, sizeof pb);
+	chunk_path(g.dir, a.h.key, ".kvc", pa, sizeof pa);
+	chunk_path(g.dir, b.h.key, ".kvc", pb, sizeof pb);
 	flip_byte(pa, KVRT_DISK_DATA_OFFSET + a.h.payload_len / 2); /* payload */
 	flip_byte(pb, 52);                                           /* header: layout */
 
-	cr_assert_eq(read_check(d, c, &a, true), -EBADMSG);
-	struct kvrt_msg m = coll_wait(c, KVRT_DISK_DROPPED, a.h.key);
+	cr_assert_eq(read_check(g.d, g.c, &a, true), -EBADMSG);
+	struct kvrt_msg m = coll_wait(g.c, KVRT_DISK_DROPPED, a.h.key);
 	cr_assert_eq(m.arg.i64[2], -EBADMSG);
 	cr_assert(!exists(pa), "corrupt file kept");
-	cr_assert_eq(read_check(d, c, &a, true), -ENOENT, "a dropped chunk is a miss");
+	cr_assert_eq(read_check(g.d, g.c, &a, true), -ENOENT, "a dropped chunk is a miss");
 
-	cr_assert_eq(read_check(d, c, &b, false), -EBADMSG);
-	coll_wait(c, KVRT_DISK_DROPPED, b.h.key);
+	cr_assert_eq(read_check(g.d, g.c, &b, false), -EBADMSG);
+	coll_wait(g.c, KVRT_DISK_DROPPED, b.h.key);
 	cr_assert(!exists(pb));
 
-	cr_assert_eq(read_check(d, c, &e, true), 0, "healthy chunks still read");
+	cr_assert_eq(read_check(g.d, g.c, &e, true), 0, "healthy chunks still read");
 	struct kvrt_disk_stats st;
-	kvrt_disk_stats(d, &st);
+	kvrt_disk_stats(g.d, &st);
 	cr_assert_eq(st.err_corrupt, 2);
 	cr_assert_eq(st.files, 1);
-	kvrt_disk_close(d);
+	kvrt_disk_close(g.d);
 	free(a.payload);
 	free(b.payload);
 	free(e.payload);
-	coll_free(c);
-	rm_rf(dir);
-	free(dir);
+	drig_down(&g);
 }
 
 Test(disk, truncated_file_fails_read_and_is_skipped_at_scan)
 {
-	char *dir = tmp_dir();
-	struct collector *c = coll_new(64);
-	struct kvrt_disk *d = open_disk(dir, c, 1ull << 30, false);
+	struct drig g = drig_up(64, 1ull << 30, false);
 	uint64_t rng = 6;
 	struct chunk a = mk_chunk_sized(NS, &rng, 2, 64, 1024);
 	struct chunk b = mk_chunk_sized(NS, &rng, 2, 64, 1024);
 	struct chunk e = mk_chunk_sized(NS, &rng, 2, 64, 1024);
-	cr_assert_eq(write_sync(d, c, &a), 0);
-	cr_assert_eq(write_sync(d, c, &b), 0);
-	cr_assert_eq(write_sync(d, c, &e), 0);
+	cr_assert_eq(write_sync(g.d, g.c, &a), 0);
+	cr_assert_eq(write_sync(g.d, g.c, &b), 0);
+	cr_assert_eq(write_sync(g.d, g.c, &e), 0);
 	char pa[512], pb[512], pt[512];
-	chunk_path(dir, a.h.key, ".kvc", pa, sizeof pa);
-	chunk_path(dir, b.h.key, ".kvc", pb, sizeof pb);
+	chunk_path(g.dir, a.h.key, ".kvc", pa, sizeof pa);
+	chunk_path(g.dir, b.h.key, ".kvc", pb, sizeof pb);
 	cr_assert_eq(truncate(pa, KVRT_DISK_DATA_OFFSET + a.h.payload_len - 1), 0);
 	cr_assert_eq(truncate(pb, 40), 0); /* inside the header */
 	/* At read. */
-	cr_assert_eq(read_check(d, c, &a, true), -EBADMSG);
-	cr_assert_eq(coll_wait(c, KVRT_DISK_DROPPED, a.h.key).arg.i64[2], -EBADMSG);
+	cr_assert_eq(read_check(g.d, g.c, &a, true), -EBADMSG);
+	cr_assert_eq(coll_wait(g.c, KVRT_DISK_DROPPED, a.h.key).arg.i64[2], -EBADMSG);
 	/* At scan: b is still indexed in this run; restart. */
-	kvrt_disk_close(d);
+	kvrt_disk_close(g.d);
 	/* And a stale temp file from a crashed write. */
-	chunk_path(dir, e.h.key, ".tmp", pt, sizeof pt);
+	chunk_path(g.dir, e.h.key, ".tmp", pt, sizeof pt);
 	FILE *f = fopen(pt, "w");
 	cr_assert(f);
 	fputs("half a chunk", f);
 	fclose(f);
-	d = open_disk(dir, c, 1ull << 30, false);
+	g.d = open_disk(g.dir, g.c, 1ull << 30, false);
 	cr_assert_eq(nfound, 1);
 	cr_assert(kvrt_chunk_key_eq(found[0].key, e.h.key));
 	cr_assert(!exists(pt), "stale temp file kept");
 	struct kvrt_disk_stats st;
-	kvrt_disk_stats(d, &st);
+	kvrt_disk_stats(g.d, &st);
 	cr_assert_eq(st.skipped, 1);
-	cr_assert_eq(read_check(d, c, &b, true), -ENOENT);
-	cr_assert_eq(read_check(d, c, &e, true), 0);
-	kvrt_disk_close(d);
+	cr_assert_eq(read_check(g.d, g.c, &b, true), -ENOENT);
+	cr_assert_eq(read_check(g.d, g.c, &e, true), 0);
+	kvrt_disk_close(g.d);
 	free(a.payload);
 	free(b.payload);
 	free(e.payload);
-	coll_free(c);
-	rm_rf(dir);
-	free(dir);
+	drig_down(&g);
 }
 
 /* Write a chunk file by hand (as another engine would). */
@@ -808,136 +815,124 @@ static void craft_file(const char *dir, const struct chunk *ch, const char *name
 
 Test(disk, foreign_and_garbage_files_are_skipped_and_left)
 {
-	char *dir = tmp_dir();
-	struct collector *c = coll_new(64);
-	struct kvrt_disk *d = open_disk(dir, c, 1ull << 30, false);
-	kvrt_disk_close(d);
+	struct drig g = drig_up(64, 1ull << 30, false);
+	kvrt_disk_close(g.d);
 	uint64_t rng = 8;
 	struct chunk mine = mk_chunk_sized(NS, &rng, 1, 10, 256);
 	struct chunk foreign = mk_chunk_sized(NS ^ 1, &rng, 1, 10, 256);
 	struct chunk garbage = mk_chunk_sized(NS, &rng, 1, 10, 256);
 	struct chunk renamed = mk_chunk_sized(NS, &rng, 1, 10, 256);
-	craft_file(dir, &mine, NULL);    /* a valid file by another writer: found */
-	craft_file(dir, &foreign, NULL); /* another namespace */
+	craft_file(g.dir, &mine, NULL);    /* a valid file by another writer: found */
+	craft_file(g.dir, &foreign, NULL); /* another namespace */
 	char pg[512], pf[512], pr[512], other[512], stray[512];
-	chunk_path(dir, garbage.h.key, ".kvc", pg, sizeof pg);
-	mk_sub(dir, garbage.h.key);
+	chunk_path(g.dir, garbage.h.key, ".kvc", pg, sizeof pg);
+	mk_sub(g.dir, garbage.h.key);
 	FILE *f = fopen(pg, "wb");
 	for (int i = 0; i < 9000; i++)
 		fputc((int)(kvrt_test_rand(&rng) & 0xff), f);
 	fclose(f);
 	/* A valid chunk under another key's name. */
-	chunk_path(dir, renamed.h.key, ".kvc", pr, sizeof pr);
-	mk_sub(dir, renamed.h.key);
-	craft_file(dir, &mine, NULL);
+	chunk_path(g.dir, renamed.h.key, ".kvc", pr, sizeof pr);
+	mk_sub(g.dir, renamed.h.key);
+	craft_file(g.dir, &mine, NULL);
 	{
 		char pm[512];
-		chunk_path(dir, mine.h.key, ".kvc", pm, sizeof pm);
+		chunk_path(g.dir, mine.h.key, ".kvc", pm, sizeof pm);
 		char cmd[1200];
 		snprintf(cmd, sizeof cmd, "cp '%s' '%s'", pm, pr);
 		cr_assert_eq(system(cmd), 0);
 	}
 	/* A file with a near-miss name and a stray file at the top level. */
-	mk_sub(dir, (struct kvrt_chunk_key){0});
-	snprintf(other, sizeof other, "%s/00/notachunk.kvc", dir);
-	snprintf(stray, sizeof stray, "%s/README", dir);
+	mk_sub(g.dir, (struct kvrt_chunk_key){0});
+	snprintf(other, sizeof other, "%s/00/notachunk.kvc", g.dir);
+	snprintf(stray, sizeof stray, "%s/README", g.dir);
 	fclose(fopen(other, "w"));
 	fclose(fopen(stray, "w"));
-	chunk_path(dir, foreign.h.key, ".kvc", pf, sizeof pf);
+	chunk_path(g.dir, foreign.h.key, ".kvc", pf, sizeof pf);
 
-	d = open_disk(dir, c, 1ull << 30, false);
+	g.d = open_disk(g.dir, g.c, 1ull << 30, false);
 	cr_assert_eq(nfound, 1, "found %zu", nfound);
 	cr_assert(kvrt_chunk_key_eq(found[0].key, mine.h.key));
 	struct kvrt_disk_stats st;
-	kvrt_disk_stats(d, &st);
+	kvrt_disk_stats(g.d, &st);
 	cr_assert_eq(st.skipped, 5, "skipped %lu", (unsigned long)st.skipped);
 	cr_assert(exists(pf), "a foreign file was deleted");
 	cr_assert(exists(pg), "an undecodable file was deleted");
 	cr_assert(exists(other) && exists(stray));
 	cr_assert(!exists(pr), "a misnamed chunk of ours is deleted");
-	cr_assert_eq(read_check(d, c, &mine, true), 0);
-	cr_assert_eq(read_check(d, c, &foreign, true), -ENOENT);
-	cr_assert_eq(read_check(d, c, &garbage, true), -ENOENT);
-	kvrt_disk_close(d);
+	cr_assert_eq(read_check(g.d, g.c, &mine, true), 0);
+	cr_assert_eq(read_check(g.d, g.c, &foreign, true), -ENOENT);
+	cr_assert_eq(read_check(g.d, g.c, &garbage, true), -ENOENT);
+	kvrt_disk_close(g.d);
 	free(mine.payload);
 	free(foreign.payload);
 	free(garbage.payload);
 	free(renamed.payload);
-	coll_free(c);
-	rm_rf(dir);
-	free(dir);
+	drig_down(&g);
 }
 
 Test(disk, file_deleted_under_us_is_enoent_and_dropped)
 {
-	char *dir = tmp_dir();
-	struct collector *c = coll_new(64);
-	struct kvrt_disk *d = open_disk(dir, c, 1ull << 30, true);
+	struct drig g = drig_up(64, 1ull << 30, true);
 	uint64_t rng = 9;
 	struct chunk a = mk_chunk_sized(NS, &rng, 3, 50, 1000);
-	cr_assert_eq(write_sync(d, c, &a), 0);
+	cr_assert_eq(write_sync(g.d, g.c, &a), 0);
 	char pa[512];
-	chunk_path(dir, a.h.key, ".kvc", pa, sizeof pa);
+	chunk_path(g.dir, a.h.key, ".kvc", pa, sizeof pa);
 	cr_assert_eq(unlink(pa), 0);
-	cr_assert_eq(read_check(d, c, &a, true), -ENOENT);
-	cr_assert_eq(coll_wait(c, KVRT_DISK_DROPPED, a.h.key).arg.i64[2], -ENOENT);
+	cr_assert_eq(read_check(g.d, g.c, &a, true), -ENOENT);
+	cr_assert_eq(coll_wait(g.c, KVRT_DISK_DROPPED, a.h.key).arg.i64[2], -ENOENT);
 	struct kvrt_disk_stats st;
-	kvrt_disk_stats(d, &st);
+	kvrt_disk_stats(g.d, &st);
 	cr_assert_eq(st.files, 0);
 	cr_assert_eq(st.bytes, 0);
 	/* The whole tier wiped under us (subdirectory included): writes recover. */
 	char sub[600];
-	snprintf(sub, sizeof sub, "%s/%02x", dir, (unsigned)(a.h.key.hi >> 56));
+	snprintf(sub, sizeof sub, "%s/%02x", g.dir, (unsigned)(a.h.key.hi >> 56));
 	cr_assert_eq(rmdir(sub), 0);
-	cr_assert_eq(write_sync(d, c, &a), 0);
-	cr_assert_eq(read_check(d, c, &a, false), 0);
-	kvrt_disk_close(d);
+	cr_assert_eq(write_sync(g.d, g.c, &a), 0);
+	cr_assert_eq(read_check(g.d, g.c, &a, false), 0);
+	kvrt_disk_close(g.d);
 	free(a.payload);
-	coll_free(c);
-	rm_rf(dir);
-	free(dir);
+	drig_down(&g);
 }
 
 Test(disk, remove_and_cancel)
 {
-	char *dir = tmp_dir();
-	struct collector *c = coll_new(64);
-	struct kvrt_disk *d = open_disk(dir, c, 1ull << 30, false);
+	struct drig g = drig_up(64, 1ull << 30, false);
 	uint64_t rng = 10;
 	struct chunk a = mk_chunk_sized(NS, &rng, 2, 30, 512);
-	cr_assert_eq(write_sync(d, c, &a), 0);
+	cr_assert_eq(write_sync(g.d, g.c, &a), 0);
 	char pa[512];
-	chunk_path(dir, a.h.key, ".kvc", pa, sizeof pa);
+	chunk_path(g.dir, a.h.key, ".kvc", pa, sizeof pa);
 	cr_assert(exists(pa));
-	cr_assert_eq(kvrt_disk_remove(d, a.h.key), 0);
-	struct kvrt_msg m = coll_wait(c, KVRT_DISK_REMOVED, a.h.key);
+	cr_assert_eq(kvrt_disk_remove(g.d, a.h.key), 0);
+	struct kvrt_msg m = coll_wait(g.c, KVRT_DISK_REMOVED, a.h.key);
 	cr_assert_eq(m.arg.i64[2], 0);
 	cr_assert_eq(m.arg.u64[4], KVRT_DISK_DATA_OFFSET + a.h.payload_len);
 	cr_assert(!exists(pa));
-	cr_assert_eq(kvrt_disk_remove(d, a.h.key), 0);
-	cr_assert_eq(coll_wait(c, KVRT_DISK_REMOVED, a.h.key).arg.i64[2], -ENOENT);
-	cr_assert_eq(read_check(d, c, &a, true), -ENOENT);
+	cr_assert_eq(kvrt_disk_remove(g.d, a.h.key), 0);
+	cr_assert_eq(coll_wait(g.c, KVRT_DISK_REMOVED, a.h.key).arg.i64[2], -ENOENT);
+	cr_assert_eq(read_check(g.d, g.c, &a, true), -ENOENT);
 	/* A remove right behind a write: the write is cancelled or done and
 	 * then removed; either way nothing stays on disk and both complete. */
-	cr_assert_eq(kvrt_disk_write(d, &a.h, a.payload, 1), 0);
-	cr_assert_eq(kvrt_disk_remove(d, a.h.key), 0);
-	int ws = (int)coll_wait(c, KVRT_DISK_WRITTEN, a.h.key).arg.i64[2];
+	cr_assert_eq(kvrt_disk_write(g.d, &a.h, a.payload, 1), 0);
+	cr_assert_eq(kvrt_disk_remove(g.d, a.h.key), 0);
+	int ws = (int)coll_wait(g.c, KVRT_DISK_WRITTEN, a.h.key).arg.i64[2];
 	cr_assert(ws == 0 || ws == -ECANCELED, "write status %d", ws);
-	cr_assert_eq(coll_wait(c, KVRT_DISK_REMOVED, a.h.key).arg.i64[2], 0);
+	cr_assert_eq(coll_wait(g.c, KVRT_DISK_REMOVED, a.h.key).arg.i64[2], 0);
 	cr_assert(!exists(pa));
-	cr_assert_eq(count_files(dir, ".tmp"), 0);
+	cr_assert_eq(count_files(g.dir, ".tmp"), 0);
 	/* Bad headers are refused up front. */
 	struct chunk bad = a;
 	bad.h.payload_len++;
-	cr_assert_eq(kvrt_disk_write(d, &bad.h, a.payload, 0), -EINVAL);
+	cr_assert_eq(kvrt_disk_write(g.d, &bad.h, a.payload, 0), -EINVAL);
 	bad = a;
 	bad.h.namespace_hash ^= 1;
-	cr_assert_eq(kvrt_disk_write(d, &bad.h, a.payload, 0), -EINVAL);
-	kvrt_disk_close(d);
+	cr_assert_eq(kvrt_disk_write(g.d, &bad.h, a.payload, 0), -EINVAL);
+	kvrt_disk_close(g.d);
 	free(a.payload);
-	coll_free(c);
-	rm_rf(dir);
-	free(dir);
+	drig_down(&g);
 }
 
 Test(disk, budget_drops_least_recently_used)
@@ -1073,13 +1068,11 @@ Test(disk, full_disk_fails_cleanly)
  * and delivers every completion, in order, once it drains. */
 Test(disk, full_notify_mailbox_loses_nothing)
 {
-	char *dir = tmp_dir();
-	struct collector *c = coll_new(4);
-	struct kvrt_disk *d = open_disk(dir, c, 1ull << 30, false);
+	struct drig g = drig_up(4, 1ull << 30, false);
 	uint64_t rng = 13;
 	struct chunk a = mk_chunk_sized(NS, &rng, 1, 8, 512);
-	cr_assert_eq(write_sync(d, c, &a), 0);
-	atomic_store(&c->gate_closed, 1);
+	cr_assert_eq(write_sync(g.d, g.c, &a), 0);
+	atomic_store(&g.c->gate_closed, 1);
 	const int n = 40;
 	uint8_t *buf = malloc((size_t)n * a.h.payload_len);
 	for (int i = 0; i < n; i++) {
@@ -1087,66 +1080,60 @@ Test(disk, full_notify_mailbox_loses_nothing)
 		struct kvrt_chunk_key k = a.h.key;
 		if (i & 1)
 			k.lo += (uint64_t)i;
-		cr_assert_eq(kvrt_disk_read(d, k, buf + (size_t)i * a.h.payload_len,
+		cr_assert_eq(kvrt_disk_read(g.d, k, buf + (size_t)i * a.h.payload_len,
 					    a.h.payload_len, (uint64_t)i),
 			     0);
 	}
 	/* Wait until the disk actor has queued them behind the stuck mailbox. */
 	struct kvrt_disk_stats st;
 	for (int t = 0; t < 20000; t++) {
-		kvrt_disk_stats(d, &st);
+		kvrt_disk_stats(g.d, &st);
 		if (st.reads + st.err_missing == (uint64_t)n)
 			break;
 		usleep(500);
 	}
 	cr_assert_eq(st.reads + st.err_missing, (uint64_t)n);
 	cr_assert_gt(st.notify_delayed, 0);
-	atomic_store(&c->gate_closed, 0);
+	atomic_store(&g.c->gate_closed, 0);
 	for (int i = 0; i < n; i++) {
 		struct kvrt_chunk_key k = a.h.key;
 		if (i & 1)
 			k.lo += (uint64_t)i;
-		struct kvrt_msg m = coll_wait(c, KVRT_DISK_READ_DONE, k);
+		struct kvrt_msg m = coll_wait(g.c, KVRT_DISK_READ_DONE, k);
 		cr_assert_eq(m.arg.u64[3], (uint64_t)i, "in order");
 		cr_assert_eq(m.arg.i64[2], (i & 1) ? -ENOENT : 0);
 		if (!(i & 1))
 			cr_assert(memcmp(buf + (size_t)i * a.h.payload_len, a.payload,
 					 a.h.payload_len) == 0);
 	}
-	kvrt_disk_stats(d, &st);
+	kvrt_disk_stats(g.d, &st);
 	cr_assert_eq(st.notify_lost, 0);
-	kvrt_disk_close(d);
+	kvrt_disk_close(g.d);
 	free(buf);
 	free(a.payload);
-	coll_free(c);
-	rm_rf(dir);
-	free(dir);
+	drig_down(&g);
 }
 
 /* Close right after queueing writes: each is finished and reported, and a
  * restart finds them all. */
 Test(disk, close_drains_queued_writes)
 {
-	char *dir = tmp_dir();
-	struct collector *c = coll_new(1024);
-	struct kvrt_disk *d = open_disk(dir, c, 1ull << 32, false);
+	struct drig g = drig_up(1024, 1ull << 32, false);
 	uint64_t rng = 14;
 	size_t n = 16;
 	struct chunk *v = calloc(n, sizeof *v);
 	for (size_t i = 0; i < n; i++) {
 		v[i] = mk_chunk(NS, &rng, 2u << 20);
-		cr_assert_eq(kvrt_disk_write(d, &v[i].h, v[i].payload, i), 0);
+		cr_assert_eq(kvrt_disk_write(g.d, &v[i].h, v[i].payload, i), 0);
 	}
-	kvrt_disk_close(d);
+	kvrt_disk_close(g.d);
 	for (size_t i = 0; i < n; i++)
-		cr_assert_eq(coll_wait(c, KVRT_DISK_WRITTEN, v[i].h.key).arg.i64[2], 0);
-	d = open_disk(dir, c, 1ull << 32, false);
+		cr_assert_eq(coll_wait(g.c, KVRT_DISK_WRITTEN, v[i].h.key).arg.i64[2], 0);
+	g.d = open_disk(g.dir, g.c, 1ull << 32, false);
 	cr_assert_eq(nfound, n);
 	for (size_t i = 0; i < n; i++)
-		cr_assert_eq(read_check(d, c, &v[i], true), 0);
-	kvrt_disk_close(d);
+		cr_assert_eq(read_check(g.d, g.c, &v[i], true), 0);
+	kvrt_disk_close(g.d);
 	free_chunks(v, n);
-	coll_free(c);
-	rm_rf(dir);
-	free(dir);
+	drig_down(&g);
 }

@@ -46,6 +46,13 @@ def pins(eng):
     return eng.wc.stats()["pinned"]
 
 
+def save(eng, rid, prompt, **kw):
+    """Request rid of prompt run to its end, its saves flushed."""
+    eng.add(rid, prompt, **kw)
+    eng.run()
+    eng.wc.flush()
+
+
 def drain(eng):
     """Run every request to its end: vLLM's blocks all free, kvrt's pins 0."""
     eng.run()
@@ -54,12 +61,9 @@ def drain(eng):
 
 
 def test_hit_loads_identical_kv_and_schedules_tail(model_dir):
-    eng = engine(model_dir)
-    try:
+    with engine(model_dir) as eng:
         P = H.prompt(1)
-        eng.add("A", P)
-        eng.run()
-        eng.wc.flush()
+        save(eng, "A", P)
         assert eng.wc.stats()["chunks"] == 2  # 40 tokens: two full 16-token chunks
         eng.add("B", P)
         so, sched = eng.step()
@@ -71,42 +75,28 @@ def test_hit_loads_identical_kv_and_schedules_tail(model_dir):
         st = eng.wc.stats()
         assert st["load_chunks"] == 2 and st["load_failed_chunks"] == 0
         assert pins(eng) == 0
-    finally:
-        eng.close()
 
 
 def test_reset_cache_then_miss(model_dir):
-    eng = engine(model_dir)
-    try:
+    with engine(model_dir) as eng:
         P = H.prompt(11)
-        eng.add("A", P)
-        eng.run()
-        eng.wc.flush()
+        save(eng, "A", P)
         eng.add("B", P)
         so, sched = eng.step()
         assert sched == {"B": 8}  # a hit
-        eng.run()
-        eng.assert_empty()
-        assert pins(eng) == 0
+        drain(eng)
         assert eng.sc.reset_cache() is True
         assert eng.wc.reset_cache() is None  # worker side: not its call
         eng.add("C", P)
         so, sched = eng.step()
         assert sched == {"C": 40}  # reset: the same prompt misses
-        eng.run()
-        eng.assert_empty()
-        assert pins(eng) == 0
-    finally:
-        eng.close()
+        drain(eng)
 
 
 def test_cache_salt_isolates(model_dir):
-    eng = engine(model_dir)
-    try:
+    with engine(model_dir) as eng:
         P = H.prompt(2)
-        eng.add("A", P, cache_salt="tenant-a")
-        eng.run()
-        eng.wc.flush()
+        save(eng, "A", P, cache_salt="tenant-a")
         eng.add("B", P, cache_salt="tenant-b")
         so, sched = eng.step()
         assert sched == {"B": 40}
@@ -115,20 +105,13 @@ def test_cache_salt_isolates(model_dir):
         so, sched = eng.step()
         assert sched == {"C": 8}
         assert H.verify_loaded(eng, "C", 32)
-        eng.run()
-        eng.assert_empty()
-        assert pins(eng) == 0
-    finally:
-        eng.close()
+        drain(eng)
 
 
 def test_corrupt_chunk_is_recomputed(model_dir):
-    eng = engine(model_dir)
-    try:
+    with engine(model_dir) as eng:
         P = H.prompt(3)
-        eng.add("A", P)
-        eng.run()
-        eng.wc.flush()
+        save(eng, "A", P)
         b = eng.add("B", P)
         assert eng.sc.debug_corrupt_chunk(b, 1) == 0
         so, s1 = eng.step()
@@ -136,9 +119,7 @@ def test_corrupt_chunk_is_recomputed(model_dir):
         assert s1 == {"B": 8}
         assert s2 == {"B": 24}  # truncated to the bad block, 16..39 recomputed
         assert eng.wc.stats()["checksum_failures"] == 1
-        eng.run()
-        eng.assert_empty()
-        assert pins(eng) == 0
+        drain(eng)
         # The bad chunk was dropped and the recompute saved it again: the
         # next request with that prompt hits both chunks, loads the right
         # KV, and nothing fails again.
@@ -148,8 +129,6 @@ def test_corrupt_chunk_is_recomputed(model_dir):
         assert H.verify_loaded(eng, "C", 32)
         drain(eng)
         assert eng.wc.stats()["checksum_failures"] == 1
-    finally:
-        eng.close()
 
 
 def test_load_wait_counts_only_steps_that_load(model_dir):
@@ -164,9 +143,8 @@ def test_load_wait_counts_only_steps_that_load(model_dir):
                 Waited.total += v - self.get(k, 0)
             super().__setitem__(k, v)
 
-    eng = engine(model_dir)
-    eng.wc._track.wait_ns = Waited(eng.wc._track.wait_ns)
-    try:
+    with engine(model_dir) as eng:
+        eng.wc._track.wait_ns = Waited(eng.wc._track.wait_ns)
         P = H.prompt(12)
         eng.add("A", P, max_tokens=6)
         drain(eng)
@@ -175,16 +153,13 @@ def test_load_wait_counts_only_steps_that_load(model_dir):
         drain(eng)
         assert eng.wc.stats()["load_chunks"] == 2
         assert Waited.total > 0
-    finally:
-        eng.close()
 
 
 def test_reset_prefix_cache_right_after_a_saving_request(model_dir):
     """A finished request whose saves are complete gives its blocks back
     at once (no delay_free): vLLM's reset_prefix_cache right after it
     succeeds, with no engine step in between."""
-    eng = engine(model_dir)
-    try:
+    with engine(model_dir) as eng:
         eng.add("A", H.prompt(13), max_tokens=6)
         eng.step()        # prefill: saves 2 chunks
         eng.wc.flush()    # ... whose copies are done
@@ -195,8 +170,6 @@ def test_reset_prefix_cache_right_after_a_saving_request(model_dir):
         assert eng.sched.reset_prefix_cache() is True, "A's blocks are still held"
         drain(eng)
         assert eng.wc.stats()["save_chunks"] == 2
-    finally:
-        eng.close()
 
 
 def spy_lookups(eng):
@@ -214,9 +187,8 @@ def spy_lookups(eng):
 
 
 def test_preemption_resume_no_leaks(model_dir):
-    eng = engine(model_dir, num_blocks=9)
-    seen = spy_lookups(eng)
-    try:
+    with engine(model_dir, num_blocks=9) as eng:
+        seen = spy_lookups(eng)
         eng.add("A", H.prompt(4), max_tokens=40)
         eng.add("B", H.prompt(5), max_tokens=40)
         checked = 0
@@ -238,8 +210,6 @@ def test_preemption_resume_no_leaks(model_dir):
             assert any(o[0] > 0 for _, _, o in seen), "the resumed request hit kvrt"
         eng.assert_empty()
         assert pins(eng) == 0
-    finally:
-        eng.close()
 
 
 def test_partial_local_hit_then_kvrt(model_dir, prefix_caching):
@@ -251,13 +221,10 @@ def test_partial_local_hit_then_kvrt(model_dir, prefix_caching):
     blocks of [local, local + n) and vLLM then cached them."""
     if not prefix_caching:
         pytest.skip("needs vLLM's own prefix cache")
-    eng = engine(model_dir, keep_local=True)
-    seen = spy_lookups(eng)
-    try:
+    with engine(model_dir, keep_local=True) as eng:
+        seen = spy_lookups(eng)
         P = H.prompt(30, n=72)                 # 4 full chunks + 8 tokens
-        eng.add("A", P)
-        eng.run()
-        eng.wc.flush()
+        save(eng, "A", P)
         assert eng.wc.stats()["chunks"] == 4
         assert eng.drop_local()                # vLLM forgets A; kvrt keeps it
         eng.add("C", P[:40])                   # kvrt serves 32, vLLM caches blocks 0-1
@@ -279,8 +246,6 @@ def test_partial_local_hit_then_kvrt(model_dir, prefix_caching):
         assert sched == {"D": 11}
         assert H.verify_loaded(eng, "D", 64)
         drain(eng)
-    finally:
-        eng.close()
 
 
 def test_preemption_partial_local_then_kvrt(model_dir, prefix_caching):
@@ -290,9 +255,8 @@ def test_preemption_partial_local_then_kvrt(model_dir, prefix_caching):
     exactly the KV of its tokens."""
     if not prefix_caching:
         pytest.skip("needs vLLM's own prefix cache")
-    eng = engine(model_dir, num_blocks=12, keep_local=True)
-    seen = spy_lookups(eng)
-    try:
+    with engine(model_dir, num_blocks=12, keep_local=True) as eng:
+        seen = spy_lookups(eng)
         eng.add("A", H.prompt(40, n=72), max_tokens=40)
         eng.add("B", H.prompt(41, n=72), max_tokens=40)
         partial = checked = 0
@@ -313,8 +277,6 @@ def test_preemption_partial_local_then_kvrt(model_dir, prefix_caching):
                 eng.sched.kv_cache_manager.evict_blocks(set(blocks.get(rid, [])[2:]))
         assert partial, ("no resume took a local head and kvrt's chunks", eng.log[-5:])
         drain(eng)
-    finally:
-        eng.close()
 
 
 def test_delay_free_released(model_dir, monkeypatch):
@@ -347,13 +309,10 @@ def test_delay_free_released(model_dir, monkeypatch):
 
 
 def test_abort_during_async_load_no_leaks(model_dir):
-    eng = engine(model_dir, extra={"enable_async_loading": "true"})
-    try:
+    with engine(model_dir, extra={"enable_async_loading": "true"}) as eng:
         from vllm.v1.request import RequestStatus
         P = H.prompt(7)
-        eng.add("A", P)
-        eng.run()
-        eng.wc.flush()
+        save(eng, "A", P)
         eng.add("D", P)
         so, sched = eng.step()
         assert sched == {}
@@ -363,8 +322,6 @@ def test_abort_during_async_load_no_leaks(model_dir):
             eng.step()
         eng.assert_empty()
         assert pins(eng) == 0
-    finally:
-        eng.close()
 
 
 def disk_engine(model_dir, d, **extra):
@@ -411,9 +368,7 @@ def test_async_load_from_disk(model_dir):
         so, sched = step_until_scheduled(eng, tries=200, pause=0)
         assert sched == {"B": 8}
         assert H.verify_loaded(eng, "B", 32)
-        eng.run()
-        eng.assert_empty()
-        assert pins(eng) == 0
+        drain(eng)
     finally:
         eng.close()
         shutil.rmtree(d, ignore_errors=True)
@@ -445,9 +400,7 @@ def test_sync_load_from_disk(model_dir, wait_ms):
             assert so.has_sync_kv_loads
             assert H.verify_loaded(eng, "B", 32)
             assert eng.wc.stats()["prefetches"] > 0
-        eng.run()
-        eng.assert_empty()
-        assert pins(eng) == 0
+        drain(eng)
     finally:
         eng.close()
         shutil.rmtree(d, ignore_errors=True)
@@ -482,13 +435,10 @@ def _interval(eng, seen):
 
 
 def test_stats_hit_and_corrupt_agree(model_dir):
-    eng = engine(model_dir)
-    seen = _capture_stats(eng)
-    try:
+    with engine(model_dir) as eng:
+        seen = _capture_stats(eng)
         P = H.prompt(9)
-        eng.add("A", P)
-        eng.run()
-        eng.wc.flush()
+        save(eng, "A", P)
         eng.step()  # the flushed saves reach a report
         r = _interval(eng, seen)
         assert r.get("saved_tokens", 0) == 32 and r.get("saved_chunks") == 2
@@ -511,8 +461,6 @@ def test_stats_hit_and_corrupt_agree(model_dir):
         assert r["hit_tokens"] == 32 and r["loaded_tokens"] == 16
         assert r["hit_not_loaded_tokens"] == 16
         eng.assert_empty()
-    finally:
-        eng.close()
 
 
 def test_prom_metrics_record_stats(model_dir):
@@ -543,14 +491,11 @@ def test_prom_metrics_record_stats(model_dir):
 
 def test_lora_isolates(model_dir):
     from vllm.lora.request import LoRARequest
-    eng = engine(model_dir)
-    try:
+    with engine(model_dir) as eng:
         P = H.prompt(10)
         la = LoRARequest("adapter-a", 1, "/nonexistent/a")
         lb = LoRARequest("adapter-b", 2, "/nonexistent/b")
-        eng.add("A", P, lora=la)
-        eng.run()
-        eng.wc.flush()
+        save(eng, "A", P, lora=la)
         assert eng.wc.stats()["chunks"] == 2
         eng.add("B", P, lora=lb)
         so, sched = eng.step()
@@ -564,19 +509,14 @@ def test_lora_isolates(model_dir):
         so, sched = eng.step()
         assert sched == {"C": 8}  # the same adapter hits
         assert H.verify_loaded(eng, "C", 32)
-        eng.run()
-        eng.assert_empty()
-        assert pins(eng) == 0
-    finally:
-        eng.close()
+        drain(eng)
 
 
 @pytest.mark.parametrize("decode", [False, True])
 def test_save_decode_cache(model_dir, decode):
     """Decode KV is saved only with save_decode_cache (the shim skips
     requests past their prompt otherwise); config_get reads kvrt's config."""
-    eng = engine(model_dir, {"save_decode_cache": "true" if decode else "false"})
-    try:
+    with engine(model_dir, {"save_decode_cache": "true" if decode else "false"}) as eng:
         assert eng.sc.config_get("save_decode_cache") == ("true" if decode else "false")
         assert eng.sc.config_get("chunk_size") == "16"
         assert eng.sc.config_get("no_such_key") is None
@@ -589,11 +529,7 @@ def test_save_decode_cache(model_dir, decode):
         _, sched = eng.step()
         hit = len(Q) - sched["B"]
         assert hit == (48 if decode else 16), (hit, eng.log[-1])
-        eng.run()
-        eng.assert_empty()
-        assert pins(eng) == 0
-    finally:
-        eng.close()
+        drain(eng)
 
 
 @pytest.fixture(scope="module")

@@ -275,6 +275,13 @@ class Engine:
         self.sc.shutdown()
         self.wc.shutdown()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
     # --- leak check (as vLLM's tests/v1/kv_connector/unit/utils.py) ---
     def assert_empty(self):
         s = self.sched
