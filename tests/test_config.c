@@ -610,43 +610,46 @@ static void yaml_refused(const char *text, const char *n1, const char *n2, const
 
 Test(config, yaml_rejects)
 {
-	/* Nested structure: line number and the parent key. */
-	yaml_refused("chunk_size: 256\nextra_config:\n  use_odirect: true\n", "line 3",
-		     "nested structure under 'extra_config' (line 2)", NULL);
-	yaml_refused("chunk_size: 256\nlocal_disk:\n\n  # c\n  path: /x\n", "line 5",
-		     "nested", "'local_disk'");
-	yaml_refused("chunk_size: 256\n  local_cpu: true\n", "line 2", "indentation", NULL);
-	yaml_refused("chunk_size: 256\n\tlocal_cpu: true\n", "line 2", NULL, NULL);
-	yaml_refused("- chunk_size\n", "line 1", "sequences", NULL);
-	yaml_refused("a: 1\nchunk_size: [1, 2]\n", "line 1", "unknown config key 'a'", NULL);
-	yaml_refused("chunk_size: [1, 2]\n", "line 1", "flow collections", NULL);
-	yaml_refused("chunk_size: {a: 1}\n", "line 1", "flow collections", NULL);
-	yaml_refused("chunk_size: &x 1\n", "line 1", "anchors", NULL);
-	yaml_refused("chunk_size: *x\n", "line 1", "aliases", NULL);
-	yaml_refused("chunk_size: !!int 1\n", "line 1", "tags", NULL);
-	yaml_refused("trace: |\n  x\n", "line 1", "block scalars", NULL);
-	yaml_refused("local_disk: a: b\n", "line 1", "nested mapping", NULL);
-	yaml_refused("%YAML 1.2\n---\n", "line 1", "directives", NULL);
-	yaml_refused("chunk_size: 1\n---\nchunk_size: 2\n", "line 2", "several", NULL);
-	yaml_refused("{chunk_size: 1}\n", "line 1", NULL, NULL);
-	yaml_refused("chunk_size 256\n", "line 1", "expected 'key: value'", NULL);
-	yaml_refused("chunk_size:256\n", "line 1", "expected 'key: value'", NULL);
-	yaml_refused("trace: \"abc\n", "line 1", "unterminated", NULL);
-	yaml_refused("trace: 'abc\n", "line 1", "unterminated", NULL);
-	yaml_refused("trace: \"a\\qb\"\n", "line 1", "escape", NULL);
-	yaml_refused("trace: \"abc\" tail\n", "line 1", "after the quoted value", NULL);
-	yaml_refused(": 5\n", "line 1", "empty key", NULL);
-	/* Unknown keys and bad values: line, key, accepted values. */
-	yaml_refused("# c\nchunk_size: 256\nremote_serde: naive\n", "line 3",
-		     "unknown config key 'remote_serde'", NULL);
-	yaml_refused("\n\nchunk_size: lots\n", "line 3", "chunk_size", "an integer in [1, 65536]");
-	yaml_refused("cache_policy: LFU\n", "line 1", "cache_policy", "LRU, S3-FIFO");
-	yaml_refused("local_cpu: maybe\n", "line 1", "local_cpu", "true/false");
-	yaml_refused("max_local_cpu_size: 5GB\n", "line 1", "max_local_cpu_size", "number of GB");
-	yaml_refused("chunk_size:\n", "line 1", "chunk_size", "an integer");
-	/* A key twice (also under another spelling). */
-	yaml_refused("chunk_size: 1\nlocal_cpu: true\nlmcache.chunk_size: 2\n", "line 3",
-		     "set twice (lines 1 and 3)", NULL);
+	/* Each text is refused with a message holding every non-NULL part. */
+	static const struct {
+		const char *text, *n1, *n2, *n3;
+	} cases[] = {
+		/* Nested structure: line number and the parent key. */
+		{"chunk_size: 256\nextra_config:\n  use_odirect: true\n", "line 3", "nested structure under 'extra_config' (line 2)", NULL},
+		{"chunk_size: 256\nlocal_disk:\n\n  # c\n  path: /x\n", "line 5", "nested", "'local_disk'"},
+		{"chunk_size: 256\n  local_cpu: true\n", "line 2", "indentation", NULL},
+		{"chunk_size: 256\n\tlocal_cpu: true\n", "line 2", NULL, NULL},
+		{"- chunk_size\n", "line 1", "sequences", NULL},
+		{"a: 1\nchunk_size: [1, 2]\n", "line 1", "unknown config key 'a'", NULL},
+		{"chunk_size: [1, 2]\n", "line 1", "flow collections", NULL},
+		{"chunk_size: {a: 1}\n", "line 1", "flow collections", NULL},
+		{"chunk_size: &x 1\n", "line 1", "anchors", NULL},
+		{"chunk_size: *x\n", "line 1", "aliases", NULL},
+		{"chunk_size: !!int 1\n", "line 1", "tags", NULL},
+		{"trace: |\n  x\n", "line 1", "block scalars", NULL},
+		{"local_disk: a: b\n", "line 1", "nested mapping", NULL},
+		{"%YAML 1.2\n---\n", "line 1", "directives", NULL},
+		{"chunk_size: 1\n---\nchunk_size: 2\n", "line 2", "several", NULL},
+		{"{chunk_size: 1}\n", "line 1", NULL, NULL},
+		{"chunk_size 256\n", "line 1", "expected 'key: value'", NULL},
+		{"chunk_size:256\n", "line 1", "expected 'key: value'", NULL},
+		{"trace: \"abc\n", "line 1", "unterminated", NULL},
+		{"trace: 'abc\n", "line 1", "unterminated", NULL},
+		{"trace: \"a\\qb\"\n", "line 1", "escape", NULL},
+		{"trace: \"abc\" tail\n", "line 1", "after the quoted value", NULL},
+		{": 5\n", "line 1", "empty key", NULL},
+		/* Unknown keys and bad values: line, key, accepted values. */
+		{"# c\nchunk_size: 256\nremote_serde: naive\n", "line 3", "unknown config key 'remote_serde'", NULL},
+		{"\n\nchunk_size: lots\n", "line 3", "chunk_size", "an integer in [1, 65536]"},
+		{"cache_policy: LFU\n", "line 1", "cache_policy", "LRU, S3-FIFO"},
+		{"local_cpu: maybe\n", "line 1", "local_cpu", "true/false"},
+		{"max_local_cpu_size: 5GB\n", "line 1", "max_local_cpu_size", "number of GB"},
+		{"chunk_size:\n", "line 1", "chunk_size", "an integer"},
+		/* A key twice (also under another spelling). */
+		{"chunk_size: 1\nlocal_cpu: true\nlmcache.chunk_size: 2\n", "line 3", "set twice (lines 1 and 3)", NULL},
+	};
+	for (size_t i = 0; i < KVRT_ARRAY_LEN(cases); i++)
+		yaml_refused(cases[i].text, cases[i].n1, cases[i].n2, cases[i].n3);
 	/* A line too long. */
 	char *big = malloc(6000);
 	cr_assert_not_null(big);

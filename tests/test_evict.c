@@ -110,6 +110,15 @@ static void admit(struct rig *g, uint64_t i)
 	cr_assert_eq(kvrt_evict_sync(g->ev), 0);
 }
 
+/* rig_up, then chunks 0..n-1 admitted. */
+static void rig_filled(struct rig *g, uint64_t n, uint32_t slabs, enum kvrt_policy_kind pol, double hi,
+		       double lo, bool disk)
+{
+	rig_up(g, slabs, pol, hi, lo, disk);
+	for (uint64_t i = 0; i < n; i++)
+		admit(g, i);
+}
+
 static bool present(struct rig *g, uint64_t i)
 {
 	struct kvrt_chunk_key k = key_of(i);
@@ -132,9 +141,7 @@ static void touch(struct rig *g, uint64_t i)
 Test(evict, admit_and_read_back)
 {
 	struct rig g;
-	rig_up(&g, 8, KVRT_POLICY_LRU, 0, 0, false);
-	for (uint64_t i = 0; i < 5; i++)
-		admit(&g, i);
+	rig_filled(&g, 5, 8, KVRT_POLICY_LRU, 0, 0, false);
 	struct kvrt_chunk_key keys[5];
 	struct kvrt_index_hit hits[5];
 	for (int i = 0; i < 5; i++)
@@ -162,9 +169,7 @@ Test(evict, admit_and_read_back)
 Test(evict, lru_order)
 {
 	struct rig g;
-	rig_up(&g, 8, KVRT_POLICY_LRU, 0.75, 0.5, false);
-	for (uint64_t i = 0; i < 6; i++)
-		admit(&g, i);
+	rig_filled(&g, 6, 8, KVRT_POLICY_LRU, 0.75, 0.5, false);
 	for (uint64_t i = 0; i < 6; i++)
 		cr_assert(present(&g, i));
 	touch(&g, 0);
@@ -185,9 +190,7 @@ Test(evict, lru_order)
 Test(evict, prefix_order)
 {
 	struct rig g;
-	rig_up(&g, 8, KVRT_POLICY_LRU, 0.75, 0.5, false);
-	for (uint64_t i = 0; i < 6; i++)
-		admit(&g, i);
+	rig_filled(&g, 6, 8, KVRT_POLICY_LRU, 0.75, 0.5, false);
 	struct kvrt_chunk_key keys[6];
 	for (int i = 0; i < 6; i++)
 		keys[i] = key_of((uint64_t)i);
@@ -252,9 +255,7 @@ Test(evict, s3fifo_ghost)
 Test(evict, watermarks)
 {
 	struct rig g;
-	rig_up(&g, 20, KVRT_POLICY_LRU, 0.8, 0.5, false);
-	for (uint64_t i = 0; i < 16; i++)
-		admit(&g, i);
+	rig_filled(&g, 16, 20, KVRT_POLICY_LRU, 0.8, 0.5, false);
 	struct kvrt_evict_stats st;
 	kvrt_evict_stats(g.ev, &st);
 	cr_expect_eq(st.cpu_entries, 16); /* at high: nothing evicted */
@@ -358,9 +359,7 @@ static bool read_back(struct rig *g, uint64_t i)
 Test(evict, demote_promote_restart, .timeout = 60)
 {
 	struct rig g;
-	rig_up(&g, 8, KVRT_POLICY_LRU, 0.75, 0.5, true);
-	for (uint64_t i = 0; i < 7; i++)
-		admit(&g, i);
+	rig_filled(&g, 7, 8, KVRT_POLICY_LRU, 0.75, 0.5, true);
 	/* 0, 1, 2 were demoted: DISK once written. */
 	for (uint64_t i = 0; i < 3; i++)
 		wait_tier(&g, i, KVRT_TIER_DISK);
@@ -419,9 +418,7 @@ static void file_of(struct rig *g, uint64_t i, char *path, size_t cap)
 Test(evict, corrupt_and_missing_files_are_misses, .timeout = 60)
 {
 	struct rig g;
-	rig_up(&g, 8, KVRT_POLICY_LRU, 0.75, 0.5, true);
-	for (uint64_t i = 0; i < 7; i++)
-		admit(&g, i);
+	rig_filled(&g, 7, 8, KVRT_POLICY_LRU, 0.75, 0.5, true);
 	for (uint64_t i = 0; i < 3; i++)
 		wait_tier(&g, i, KVRT_TIER_DISK);
 	char path[256];

@@ -333,6 +333,13 @@ static int check_mutant(const uint8_t *buf, size_t len)
 
 /* --- tests ------------------------------------------------------------------- */
 
+/* A random plan (gen_plan) and its encoding (encode_new). */
+static uint8_t *gen_encoded(uint64_t *s, struct gen *g, size_t *len)
+{
+	gen_plan(s, g);
+	return encode_new(&g->plan, len);
+}
+
 Test(meta, empty_plan)
 {
 	struct kvrt_meta_plan p = {.step = 7, .block_size = 16, .chunk_size = 256};
@@ -397,9 +404,8 @@ Test(meta, random_round_trips)
 	uint64_t n = kvrt_test_scaled(3000, 100);
 	for (uint64_t i = 0; i < n; i++) {
 		struct gen g;
-		gen_plan(&s, &g);
 		size_t len;
-		uint8_t *buf = encode_new(&g.plan, &len);
+		uint8_t *buf = gen_encoded(&s, &g, &len);
 		expect_round_trip(&g.plan, buf, len);
 		struct kvrt_meta_view v;
 		cr_assert_eq(kvrt_meta_decode(buf, len, &v), 0);
@@ -413,9 +419,8 @@ Test(meta, enospc_reports_size)
 {
 	uint64_t s = 42;
 	struct gen g;
-	gen_plan(&s, &g);
 	size_t need;
-	uint8_t *buf = encode_new(&g.plan, &need);
+	uint8_t *buf = gen_encoded(&s, &g, &need);
 	uint8_t *small = malloc(need);
 	cr_assert_not_null(small);
 	for (size_t cap = 0; cap < need; cap += 1 + cap / 3) {
@@ -553,9 +558,8 @@ Test(meta, every_truncation_rejected)
 	uint64_t plans = kvrt_test_scaled(6, 2);
 	for (uint64_t k = 0; k < plans; k++) {
 		struct gen g;
-		gen_plan(&s, &g);
 		size_t len;
-		uint8_t *buf = encode_new(&g.plan, &len);
+		uint8_t *buf = gen_encoded(&s, &g, &len);
 		uint8_t *t = malloc(len);
 		cr_assert_not_null(t);
 		struct kvrt_meta_view v;
@@ -588,9 +592,8 @@ Test(meta, header_fields_checked)
 {
 	uint64_t s = 99;
 	struct gen g;
-	gen_plan(&s, &g);
 	size_t len;
-	uint8_t *buf = encode_new(&g.plan, &len);
+	uint8_t *buf = gen_encoded(&s, &g, &len);
 	uint8_t *t = malloc(len);
 	cr_assert_not_null(t);
 	struct kvrt_meta_view v;
@@ -700,9 +703,8 @@ Test(meta, bit_flips)
 	uint64_t accepted = 0, resealed = 0;
 	for (uint64_t i = 0; i < rounds; i += 50) {
 		struct gen g;
-		gen_plan(&s, &g);
 		size_t len;
-		uint8_t *buf = encode_new(&g.plan, &len);
+		uint8_t *buf = gen_encoded(&s, &g, &len);
 		uint8_t *t = malloc(len);
 		cr_assert_not_null(t);
 		for (int k = 0; k < 50; k++) {
@@ -742,9 +744,8 @@ Test(meta, fuzz_mutations)
 	size_t tcap = 0;
 	for (uint64_t i = 0; i < iters;) {
 		struct gen g;
-		gen_plan(&s, &g);
 		size_t len;
-		uint8_t *buf = encode_new(&g.plan, &len);
+		uint8_t *buf = gen_encoded(&s, &g, &len);
 		if (tcap < len + 64) {
 			tcap = len + 64;
 			t = realloc(t, tcap);
