@@ -74,7 +74,7 @@ enum _kind {
 	_K_DEL = 3,    /* UNLINK key */
 	_K_PURGE,      /* UNLINK of a corrupt value (internal, no completion) */
 	_K_HELLO,      /* AUTH / SELECT / PING handshake step */
-	_KKVRT_REDIS_SLOTS,      /* CLUSTER SLOTS */
+	_K_SLOTS,      /* CLUSTER SLOTS */
 	_K_ASKING,     /* ASKING before a redirected command */
 };
 
@@ -332,7 +332,7 @@ static void _complete(struct kvrt_remote *r, struct _req *q)
 		_req_free(q);
 		return;
 	case _K_HELLO:
-	case _KKVRT_REDIS_SLOTS:
+	case _K_SLOTS:
 		KVRT_ASSERT(!"internal requests are finished by their callbacks");
 	}
 	_req_free(q);
@@ -681,7 +681,7 @@ static int _frame(struct kvrt_remote *r, struct _req *q)
 		k += (size_t)sprintf((char *)o, "*1\r\n");
 		k += _bulk(o + k, "ASKING", 6);
 		break;
-	case _KKVRT_REDIS_SLOTS:
+	case _K_SLOTS:
 		k += (size_t)sprintf((char *)o, "*2\r\n");
 		k += _bulk(o + k, "CLUSTER", 7);
 		k += _bulk(o + k, "SLOTS", 5);
@@ -1059,7 +1059,7 @@ static void _refresh(struct kvrt_remote *r, bool force)
 		struct _node *n = r->nodes[(r->refresh_rr + k) % r->nnodes];
 		if (n->state == _N_DOWN)
 			continue;
-		struct _req *q = _ctl_req(_KKVRT_REDIS_SLOTS);
+		struct _req *q = _ctl_req(_K_SLOTS);
 		if (!q)
 			return;
 		_frame(r, q);
@@ -1218,8 +1218,8 @@ static void _on_reply(redisAsyncContext *ac, void *reply, void *priv)
 		int st = n->fail_status ? n->fail_status : -ECONNRESET;
 		switch (q->kind) {
 		case _K_HELLO:
-		case _KKVRT_REDIS_SLOTS:
-			if (q->kind == _KKVRT_REDIS_SLOTS)
+		case _K_SLOTS:
+			if (q->kind == _K_SLOTS)
 				r->refreshing = false;
 			_req_free(q);
 			return;
@@ -1256,7 +1256,7 @@ static void _on_reply(redisAsyncContext *ac, void *reply, void *priv)
 		}
 		_req_free(q);
 		return;
-	case _KKVRT_REDIS_SLOTS:
+	case _K_SLOTS:
 		r->refreshing = false;
 		if (rep && rep->type == REDIS_REPLY_ARRAY) {
 			_load_slots(r, n, rep);
