@@ -1,6 +1,7 @@
 /* actors/remote.c: the remote tier on Redis / Redis Cluster; see remote.h for
  * the contract, the key and value formats, and the fault model. The URL is
- * parsed by redis_url.c, keys are named and slotted by redis_key.c;
+ * parsed by redis_url.c, keys are named and slotted by redis_key.c, the
+ * cluster's redirects and slot table replies by redis_cluster.c;
  * completions go out through an outbox (runtime/outbox.h). This file is
  * the "remote" actor: nodes, the wire, cluster topology and routing.
  *
@@ -44,6 +45,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "actors/redis_cluster.h"
 #include "actors/redis_url.h"
 #include "runtime/log.h"
 #include "runtime/outbox.h"
@@ -1008,34 +1010,22 @@ static void _signal_ready(struct kvrt_remote *r, int status)
 	}
 }
 
-/* Parse a CLUSTER SLOTS reply from node n into the slot table. */
+/* One range of a CLUSTER SLOTS reply: its owner becomes a node. */
+static bool _slot_range(void *ctx, uint32_t lo, uint32_t hi, const char *host, int port)
+{
+	struct kvrt_remote *r = ctx;
+	struct _node *own = _node_get(r, host, port);
+	if (!own)
+		return false;
+	for (uint32_t s = lo; s <= hi; s++)
+		r->slots[s] = (uint16_t)own->idx;
+	return true;
+}
+
+/* A CLUSTER SLOTS reply from node `from` into the slot table. */
 static void _load_slots(struct kvrt_remote *r, struct _node *from, redisReply *rep)
 {
-	uint32_t covered = 0;
-	for (size_t i = 0; i < rep->elements; i++) {
-		redisReply *e = rep->element[i];
-		if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 ||
-		    e->element[0]->type != REDIS_REPLY_INTEGER ||
-		    e->element[1]->type != REDIS_REPLY_INTEGER ||
-		    e->element[2]->type != REDIS_REPLY_ARRAY || e->element[2]->elements < 2)
-			continue;
-		redisReply *m = e->element[2];
-		if (m->element[0]->type != REDIS_REPLY_STRING ||
-		    m->element[1]->type != REDIS_REPLY_INTEGER)
-			continue;
-		long long lo = e->element[0]->integer, hi = e->element[1]->integer;
-		const char *host = m->element[0]->str;
-		if (!*host || !strcmp(host, "?"))
-			host = from->host; /* "unknown endpoint": the node we asked */
-		if (lo < 0 || hi >= (long long)KVRT_REDIS_SLOTS || lo > hi)
-			continue;
-		struct _node *own = _node_get(r, host, (int)m->element[1]->integer);
-		if (!own)
-			continue;
-		for (long long s = lo; s <= hi; s++)
-			r->slots[s] = (uint16_t)own->idx;
-		covered += (uint32_t)(hi - lo + 1);
-	}
+	uint32_t covered = kvrt_redis_parse_slots(rep, from->host, _slot_range, r);
 	_INC(r, refreshes, 1);
 	if (covered < KVRT_REDIS_SLOTS)
 		kvrt_debug("remote: cluster slot table covers %u of %u slots", covered, KVRT_REDIS_SLOTS);
@@ -1128,36 +1118,6 @@ static void _route(struct kvrt_remote *r, struct _req *q)
 	_route_to(r, r->nodes[idx], q, false);
 }
 
-/* "MOVED 3999 127.0.0.1:6381" / "ASK ...": true when parsed. */
-static bool _parse_redirect(const char *s, const char *word, uint32_t *slot, char host[256],
-			    int *port)
-{
-	size_t wl = strlen(word);
-	if (strncmp(s, word, wl) || s[wl] != ' ')
-		return false;
-	char *end;
-	unsigned long sl = strtoul(s + wl + 1, &end, 10);
-	if (*end != ' ' || sl >= KVRT_REDIS_SLOTS)
-		return false;
-	const char *hp = end + 1;
-	const char *colon = strrchr(hp, ':');
-	if (!colon || colon == hp || (size_t)(colon - hp) >= 256)
-		return false;
-	const char *hs = hp, *he = colon;
-	if (*hs == '[' && he[-1] == ']') {
-		hs++;
-		he--;
-	}
-	memcpy(host, hs, (size_t)(he - hs));
-	host[he - hs] = 0;
-	long p = strtol(colon + 1, &end, 10);
-	if (*end || p < 1 || p > 65535)
-		return false;
-	*slot = (uint32_t)sl;
-	*port = (int)p;
-	return true;
-}
-
 /* An error reply to a caller's request: redirect or fail. */
 static void _on_error_reply(struct kvrt_remote *r, struct _node *n, struct _req *q,
 			    const char *msg)
@@ -1165,8 +1125,8 @@ static void _on_error_reply(struct kvrt_remote *r, struct _node *n, struct _req 
 	uint32_t slot;
 	char host[256];
 	int port;
-	bool moved = _parse_redirect(msg, "MOVED", &slot, host, &port);
-	bool ask = !moved && _parse_redirect(msg, "ASK", &slot, host, &port);
+	bool moved = kvrt_redis_parse_redirect(msg, "MOVED", &slot, host, &port);
+	bool ask = !moved && kvrt_redis_parse_redirect(msg, "ASK", &slot, host, &port);
 	if (moved || ask) {
 		if (!r->cluster) {
 			kvrt_warn("remote %s: server is a Redis Cluster node (got %s): switching to cluster mode; prefer redis-cluster:// in remote_url",
