@@ -12,6 +12,16 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+/* Most elements of an array reply kvrt accepts (CLUSTER SLOTS of a full
+ * cluster has at most 16384 ranges): hiredis' reader allocates an array's
+ * pointers from its announced length, so "*616380312" alone would make it
+ * allocate 4.9 GB; a longer array is refused (the connection drops). */
+#define KVRT_REDIS_MAX_ARRAY 65536
+static inline bool kvrt_redis_array_ok(long long elements)
+{
+	return elements >= -1 && elements <= KVRT_REDIS_MAX_ARRAY;
+}
+
 /* An error reply "WORD <slot> <host>:<port>" (WORD: "MOVED" or "ASK"; IPv6
  * hosts may be in brackets): true and the fields when it is one. */
 bool kvrt_redis_parse_redirect(const char *s, const char *word, uint32_t *slot, char host[256],

@@ -565,6 +565,8 @@ static void *_hook_string(const redisReadTask *t, char *s, size_t len)
 static void *_hook_array(const redisReadTask *t, int elements)
 {
 	struct _node *n = t->privdata;
+	if (!kvrt_redis_array_ok(elements))
+		return NULL; /* the reader fails: the node drops, its requests fail */
 	return n->r->orig->createArray(t, elements);
 }
 

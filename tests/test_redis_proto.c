@@ -116,3 +116,33 @@ Test(redis_proto, urls)
 	cr_assert_eq(kvrt_redis_url_parse(&u, "rediss://h:1"), -EPROTONOSUPPORT);
 	kvrt_redis_url_clear(&u);
 }
+
+/* A reply announcing a huge array is refused before hiredis allocates its
+ * pointers (remote.c's reader hook applies kvrt_redis_array_ok): found by
+ * fuzz_redis, "*616380312" made the reader allocate 4.9 GB. */
+static void *(*orig_array)(const redisReadTask *, int);
+
+static void *bounded_array(const redisReadTask *t, int elements)
+{
+	return kvrt_redis_array_ok(elements) ? orig_array(t, elements) : NULL;
+}
+
+Test(redis_proto, huge_arrays_refused)
+{
+	cr_assert(kvrt_redis_array_ok(-1) && kvrt_redis_array_ok(0) &&
+		  kvrt_redis_array_ok(KVRT_REDIS_MAX_ARRAY));
+	cr_assert_not(kvrt_redis_array_ok(KVRT_REDIS_MAX_ARRAY + 1));
+	cr_assert_not(kvrt_redis_array_ok(616380312));
+	redisReader *rd = redisReaderCreate();
+	cr_assert_not_null(rd);
+	redisReplyObjectFunctions fns = *rd->fn;
+	orig_array = fns.createArray;
+	fns.createArray = bounded_array;
+	rd->fn = &fns;
+	const char *hostile = "*616380312\r\n";
+	cr_assert_eq(redisReaderFeed(rd, hostile, strlen(hostile)), REDIS_OK);
+	void *rep = NULL;
+	cr_assert_eq(redisReaderGetReply(rd, &rep), REDIS_ERR, "the huge array was accepted");
+	cr_assert_null(rep);
+	redisReaderFree(rd);
+}
