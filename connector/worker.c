@@ -446,7 +446,8 @@ int kvrt_worker_bind(struct kvrt_worker *w, const void *meta, size_t len)
 		return -ENODEV;
 	if (kvrt_grow((void **)&w->frame, &w->frame_cap, len, 1))
 		return -ENOMEM;
-	memcpy(w->frame, meta, len);
+	if (len) /* (an empty frame is refused by frame_open) */
+		memcpy(w->frame, meta, len);
 	struct kvrt_meta_view v;
 	const uint8_t *tab;
 	uint32_t nreq;

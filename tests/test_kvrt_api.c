@@ -511,6 +511,8 @@ Test(kvrt_api, errors_a_user_can_hit)
 	uint8_t junk[64];
 	memset(junk, 0x5a, sizeof junk);
 	cr_assert_eq(kvrt_worker_bind(g.w, junk, sizeof junk), -EBADMSG);
+	/* An empty frame (found by fuzz_frame: memcpy from it was UB). */
+	cr_assert_eq(kvrt_worker_bind(g.w, NULL, 0), -EBADMSG);
 	cr_assert_eq(kvrt_worker_start_load(g.w), 0);
 	rig_down(&g);
 }
