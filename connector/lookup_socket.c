@@ -455,6 +455,17 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 		int fd = accept4(s->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd < 0)
 			return; /* EAGAIN, or a transient error: the next wake-up retries */
+		/* Only this user's processes may ask (the directory's modes say
+		 * so too; this holds even where they are loosened). */
+		struct ucred cred = {.uid = (uid_t)-1};
+		socklen_t cl = sizeof cred;
+		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) || cred.uid != geteuid()) {
+			if (!__atomic_fetch_add(&s->st.foreign, 1, __ATOMIC_RELAXED))
+				kvrt_warn("lookup socket %s: a process of uid %d was refused (only uid %d may ask)",
+					  s->path, (int)cred.uid, (int)geteuid());
+			close(fd);
+			continue;
+		}
 		struct _conn *c = s->nconns < _MAX_CONNS ? calloc(1, sizeof(*c)) : NULL;
 		if (!c) {
 			_COUNT(s, refused);
@@ -601,6 +612,7 @@ void kvrt_lsock_server_stats(struct kvrt_lsock_server *s, struct kvrt_lsock_serv
 	out->releases = __atomic_load_n(&s->st.releases, __ATOMIC_RELAXED);
 	out->malformed = __atomic_load_n(&s->st.malformed, __ATOMIC_RELAXED);
 	out->write_failed = __atomic_load_n(&s->st.write_failed, __ATOMIC_RELAXED);
+	out->foreign = __atomic_load_n(&s->st.foreign, __ATOMIC_RELAXED);
 }
 
 /* --- client ----------------------------------------------------------------- */

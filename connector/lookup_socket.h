@@ -18,7 +18,9 @@
  * its hash. Directories are created 0700 and must be owned by this user
  * with no group/other access (else -EPERM: another user could swap the
  * socket); the socket is chmod'ed 0600 right after bind (the 0700 directory
- * keeps others out in between). A socket file left by a dead process
+ * keeps others out in between), and a connection from a process of another
+ * user (SO_PEERCRED) is closed at once, counted, whatever the file modes
+ * allow. A socket file left by a dead process
  * (connect refused) is replaced; one with a live server answers -EADDRINUSE.
  * The server unlinks its socket (if still its own) when stopped.
  *
@@ -107,6 +109,7 @@ struct kvrt_lsock_server_stats {
 	uint64_t releases;    /* releases done */
 	uint64_t malformed;   /* connections closed for a malformed or truncated frame */
 	uint64_t write_failed; /* connections closed because an answer could not be sent */
+	uint64_t foreign;     /* connections closed at once: a peer of another user */
 };
 
 /* Listen on path (its directory must exist: kvrt_lsock_path(.., true)) and

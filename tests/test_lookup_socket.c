@@ -15,6 +15,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <utime.h>
 
@@ -474,6 +475,64 @@ Test(lookup_socket, runtime_dirs_do_not_leak)
 	else
 		unsetenv("XDG_RUNTIME_DIR");
 	free(saved);
+	prig_down(&g);
+	rmtree(d);
+}
+
+/* A process of another user is refused even where the file modes would let
+ * it in (the directory and socket opened up here on purpose): the server
+ * closes the connection before reading a byte, counts it and says so once.
+ * Needs root to become another user (skipped otherwise). */
+Test(lookup_socket, another_user_is_refused)
+{
+	if (geteuid() != 0)
+		cr_skip_test("needs root to run a process as another user");
+	struct prig g;
+	prig_up(&g, &SPEC, cfg16(), 11);
+	char d[64], path[128];
+	tmpdir(d, sizeof d);
+	snprintf(path, sizeof path, "%s/rank0.sock", d);
+	struct kvrt_lsock_server *srv;
+	cr_assert_eq(kvrt_lsock_server_start(&srv, g.e, path), 0);
+	cr_assert_eq(chmod(d, 0755), 0);
+	cr_assert_eq(chmod(path, 0666), 0);
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) { /* nobody: connect, ask, expect the connection closed */
+		if (setgid(65534) || setuid(65534))
+			_exit(3);
+		struct sockaddr_un sa = {.sun_family = AF_UNIX};
+		if (strlen(path) >= sizeof sa.sun_path)
+			_exit(5);
+		memcpy(sa.sun_path, path, strlen(path) + 1);
+		int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+		if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa))
+			_exit(4);
+		uint8_t buf[256];
+		uint32_t tok[4] = {1, 2, 3, 4};
+		size_t n = kvrt_lsock_encode_lookup(buf, sizeof buf, 1, 2, 3, tok, 4);
+		ssize_t w = send(fd, buf, n, MSG_NOSIGNAL); /* it may be closed already */
+		(void)w;
+		ssize_t r = read(fd, buf, sizeof buf);
+		_exit(r > 0 ? 1 : 0); /* an answer: it was served */
+	}
+	int status = 0;
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status), "the other user's client died (status %#x)", status);
+	cr_assert_eq(WEXITSTATUS(status), 0, "another user was answered (%d)", WEXITSTATUS(status));
+	cr_assert_eq(wait_stat(srv, offsetof(struct kvrt_lsock_server_stats, foreign), 1), 1u);
+	struct kvrt_lsock_server_stats st;
+	kvrt_lsock_server_stats(srv, &st);
+	cr_assert_eq(st.lookups, 0u);
+	/* This user is still served. */
+	const char *paths[] = {path};
+	struct kvrt_lsock_client *c;
+	cr_assert_eq(kvrt_lsock_client_create(&c, paths, 1, 2000), 0);
+	struct kvrt_lookup_result res;
+	uint32_t tok[20] = {0};
+	cr_assert_eq(kvrt_lsock_client_lookup(c, 7, g.ns, tok, 20, &res), 0);
+	kvrt_lsock_client_destroy(c);
+	kvrt_lsock_server_stop(srv);
 	prig_down(&g);
 	rmtree(d);
 }
