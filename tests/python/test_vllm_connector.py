@@ -54,7 +54,8 @@ def save(eng, rid, prompt, **kw):
 
 
 def drain(eng):
-    """Run every request to its end: vLLM's blocks all free, kvrt's pins 0."""
+    """Run every request to its end: vLLM's blocks all free, kvrt's pins 0
+    (assert_empty waits for saves still copying)."""
     eng.run()
     eng.assert_empty()
     assert pins(eng) == 0

@@ -141,8 +141,10 @@ class Engine:
     def add(self, rid, prompt, max_tokens=3, cache_salt=None, lora=None):
         from vllm import SamplingParams
         from vllm.v1.request import Request
-        if self.prefix_caching and not self.keep_local and not self.sched.has_requests():
-            self.drop_local()
+        if self.prefix_caching and not self.keep_local:
+            self.settle()  # finished requests whose saves still copy hold blocks
+            if not self.sched.has_requests():
+                self.drop_local()
         sp = SamplingParams(max_tokens=max_tokens)
         sp.update_from_generation_config({}, EOS)
         req = Request(request_id=rid, prompt_token_ids=list(prompt),
@@ -153,7 +155,9 @@ class Engine:
         return req
 
     def drop_local(self):
-        """Empty vLLM's own prefix cache (not kvrt's)."""
+        """Empty vLLM's own prefix cache (not kvrt's), once finished
+        requests whose saves still copy have let their blocks go."""
+        self.settle()
         return self.sched.kv_cache_manager.reset_prefix_cache()
 
     def local_cached_blocks(self):
@@ -283,7 +287,22 @@ class Engine:
         return False
 
     # --- leak check (as vLLM's tests/v1/kv_connector/unit/utils.py) ---
+    def settle(self, seconds=10.0):
+        """Empty steps while only finished requests remain, waiting for
+        their saves (delay_free: finished_sending comes once the copies
+        ran, later on a loaded machine); bounded in time."""
+        import time
+        s = self.sched
+        t0 = time.monotonic()
+        while (s.requests and all(r.is_finished() for r in s.requests.values())
+               and time.monotonic() - t0 < seconds):
+            self.step()
+            time.sleep(0.002)
+        if s.finished_req_ids:  # reported to the workers by one more step
+            self.step()
+
     def assert_empty(self):
+        self.settle()
         s = self.sched
         assert len(s.requests) == 0, s.requests.keys()
         assert len(s.waiting) == 0 and len(s.running) == 0
