@@ -11,6 +11,7 @@ PHASE: {"prompts": [[token ids]...], "max_tokens": n,
         "reset_local": bool   (reset vLLM's prefix cache first, right after
                                the last phase's outputs),
         "sequential": bool    (one generate() per prompt: one request at a time),
+        "salt": str           (every prompt's cache_salt: a tenant),
         "abort": {"ids": [i...], "after_steps": k}
                               (the engine API: add every prompt, step k times,
                                abort those prompts, step to the end; aborted
@@ -106,7 +107,9 @@ def run_engine(spec, LLM, SamplingParams) -> dict:
             groups = [[p] for p in ph["prompts"]] if ph.get("sequential") else [ph["prompts"]]
             got = []
             for g in groups:
-                res = llm.generate([{"prompt_token_ids": p} for p in g], sp, use_tqdm=False)
+                salt = {"cache_salt": ph["salt"]} if ph.get("salt") else {}
+                res = llm.generate([dict(prompt_token_ids=p, **salt) for p in g], sp,
+                                   use_tqdm=False)
                 got += [list(r.outputs[0].token_ids) for r in res]
             out["phases"].append(got)
         out["metrics"].append(metrics(llm))
