@@ -102,6 +102,7 @@ struct kvrt_disk {
 	int dirfd;                   /* open directory, for *at() calls */
 	int lockfd;                  /* <dir>/lock, flock'd */
 	bool odirect;                /* O_DIRECT in use (probed) */
+	bool warned_nospace;         /* the filesystem-full warning was given (once) */
 	struct kvrt_actor *actor;    /* "disk"; for callers (set after it starts) */
 	struct kvrt_actor *self;     /* the same, for the actor's thread (set by _start) */
 
@@ -513,6 +514,13 @@ static void _job_step(struct kvrt_disk *d)
 		if (rc != -ENOSPC)
 			kvrt_warn("disk %s: write of chunk %016" PRIx64 "%016" PRIx64 " failed: %s",
 				  d->dir, j->h.key.hi, j->h.key.lo, strerror(-rc));
+		else if (!d->warned_nospace) {
+			/* Once: a full filesystem fails every write after this one. */
+			d->warned_nospace = true;
+			kvrt_warn("disk %s: the filesystem is full (%" PRIu64 " bytes of chunks here, budget %" PRIu64
+				  "): chunks that do not fit are dropped instead of written; set max_local_disk_size to what it holds",
+				  d->dir, d->bytes, d->cfg.budget_bytes);
+		}
 	}
 	_job_finish(d, j, rc);
 }
