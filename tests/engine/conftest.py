@@ -53,6 +53,24 @@ def model_bf16():
     return make_model("bfloat16")
 
 
+@pytest.fixture
+def redis_server():
+    """A real redis-server on a free loopback port (redis_ctl.py: phases
+    may stop, restart or slow it); stopped by its PID at the end, whichever
+    server runs then. {"url", "port", "dir", "ctl": argv prefix}."""
+    import shutil
+    import redis_ctl
+    d = tempfile.mkdtemp(prefix="kvrt-engine-redis-")
+    port = redis_ctl.free_port()
+    try:
+        redis_ctl.start(d, port)
+        yield {"url": f"redis://127.0.0.1:{port}", "port": port, "dir": d,
+               "ctl": [sys.executable, os.path.join(HERE, "redis_ctl.py")]}
+    finally:
+        redis_ctl.stop(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def run(spec: dict, timeout=600, **env) -> dict:
     """engine_run.py over spec in a fresh process; its output JSON."""
     with tempfile.TemporaryDirectory(prefix="kvrt-engine-") as d:

@@ -12,6 +12,8 @@ PHASE: {"prompts": [[token ids]...], "max_tokens": n,
                                the last phase's outputs),
         "sequential": bool    (one generate() per prompt: one request at a time),
         "salt": str           (every prompt's cache_salt: a tenant),
+        "before": [[argv]...] (commands run before the phase: faults, e.g.
+                               redis_ctl.py stop / start / sleep),
         "abort": {"ids": [i...], "after_steps": k}
                               (the engine API: add every prompt, step k times,
                                abort those prompts, step to the end; aborted
@@ -94,6 +96,9 @@ def run_engine(spec, LLM, SamplingParams) -> dict:
     llm = LLM(**kw)
     out: dict = {"phases": [], "metrics": []}
     for ph in spec["phases"]:
+        for argv in ph.get("before", ()):
+            import subprocess
+            subprocess.run(argv, check=True)
         if ph.get("reset_local"):
             # vLLM's own prefix cache only, right after the last phase's
             # outputs (no engine step in between): kvrt frees a finished

@@ -10,7 +10,6 @@ import shutil
 import tempfile
 
 from conftest import DOCS, DOCS_B, DOCS_HIT, INPROC, KVRT, LLM_FP32, delta, level, run, same_tokens
-from test_tp2_redis import redis_url  # noqa: F401  (the fixture)
 
 
 def phases(*salts):
@@ -18,7 +17,8 @@ def phases(*salts):
             for i, s in enumerate(salts)]
 
 
-def test_salts_never_share_kv_in_any_tier(model_dir, baseline, redis_url):  # noqa: F811
+def test_salts_never_share_kv_in_any_tier(model_dir, baseline, redis_server):
+    redis_url = redis_server["url"]
     disk = tempfile.mkdtemp(prefix="kvrt-engine-tenants-")
     small = dict(KVRT, max_local_cpu_size=0.012)
     both = dict(small, local_disk=disk, max_local_disk_size=1, remote_url=redis_url)

@@ -8,16 +8,6 @@
   a free loopback port, stopped by its PID): the second engine, whose CPU
   tier is empty, hits what the first saved, tokens identical."""
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
-
-import pytest
-
 from conftest import (DOCS, DOCS_HIT, INPROC, KVRT, LLM_FP32, delta, level, run,
                       same_tokens)
 
@@ -50,48 +40,8 @@ def test_tp2_hits_min_over_ranks_tokens_identical(model_dir):
     assert delta(c, "kvrt_loaded_tokens", 1) == 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def redis_url():
-    exe = shutil.which("redis-server")
-    if not exe:
-        pytest.fail("redis-server is missing: ./configure installs it")
-    d = tempfile.mkdtemp(prefix="kvrt-engine-redis-")
-    port = free_port()
-    p = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                          "--appendonly", "no", "--dir", d, "--protected-mode", "yes"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        t0 = time.time()
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if p.poll() is not None or time.time() - t0 > 20:
-                pytest.fail("redis-server did not start")
-            time.sleep(0.1)
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def test_two_engines_share_redis(model_dir, baseline, redis_url):
-    kv = dict(KVRT, remote_url=redis_url)
+def test_two_engines_share_redis(model_dir, baseline, redis_server):
+    kv = dict(KVRT, remote_url=redis_server["url"])
     spec = {"model": model_dir, "kvrt": kv, "llm": LLM_FP32,
             "phases": [{"prompts": DOCS, "max_tokens": 8}]}
     first = run(spec, **INPROC)["runs"][0]
