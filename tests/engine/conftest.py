@@ -71,8 +71,9 @@ def redis_server():
         shutil.rmtree(d, ignore_errors=True)
 
 
-def run(spec: dict, timeout=600, **env) -> dict:
-    """engine_run.py over spec in a fresh process; its output JSON."""
+def run(spec: dict, timeout=600, expect_fail=False, **env) -> dict:
+    """engine_run.py over spec in a fresh process; its output JSON (with
+    expect_fail: the run must fail; {"log": its output})."""
     with tempfile.TemporaryDirectory(prefix="kvrt-engine-") as d:
         sp, op, lp = (os.path.join(d, n) for n in ("spec.json", "out.json", "log.txt"))
         with open(sp, "w") as f:
@@ -82,6 +83,10 @@ def run(spec: dict, timeout=600, **env) -> dict:
                                env=engine_env(**env), stdout=log, stderr=subprocess.STDOUT,
                                timeout=timeout)
         text = open(lp).read()
+        if expect_fail:
+            if not p.returncode:
+                pytest.fail(f"engine run succeeded where it must fail:\n{text[-3000:]}")
+            return {"log": text}
         if p.returncode or not os.path.exists(op):
             pytest.fail(f"engine run failed ({p.returncode}):\n{text[-6000:]}")
         out = json.load(open(op))

@@ -4,6 +4,7 @@ engine_run.py SPEC.json OUT.json.
 
 SPEC: {"runs": [RUN, ...]} or one RUN;
 RUN:  {"model": dir, "kvrt": null | {extra config}, "llm": {LLM kwargs},
+       "kv_role": "kv_both" (default) | "kv_producer" | "kv_consumer",
        "env": {name: value, ...}  (set while this run's engine starts and runs:
                                    KVRT_DEBUG, ...; the workers inherit it),
        "phases": [PHASE, ...]}
@@ -91,7 +92,7 @@ def run_engine(spec, LLM, SamplingParams) -> dict:
         from vllm.config import KVTransferConfig
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvrtConnectorV1", kv_connector_module_path="kvrt.vllm",
-            kv_role="kv_both", kv_load_failure_policy="recompute",
+            kv_role=spec.get("kv_role", "kv_both"), kv_load_failure_policy="recompute",
             kv_connector_extra_config=dict(spec["kvrt"]))
     llm = LLM(**kw)
     out: dict = {"phases": [], "metrics": []}

@@ -243,6 +243,22 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             # save_decode_cache is on; build_connector_meta then skips the
             # per-request call into C (the most common step of serving).
             self._save_decode = self.config_get("save_decode_cache") == "true"
+            # kv_role: a producer saves and never loads; a consumer loads
+            # and saves only with save_decode_cache; kv_both does both.
+            # Either half alone needs a tier another instance reads.
+            self._kv_role = str(getattr(kvt, "kv_role", None) or "kv_both")
+            self._load = self._kv_role != "kv_producer"
+            self._save_prompts = self._kv_role != "kv_consumer"
+            if self._kv_role in ("kv_producer", "kv_consumer") and all(
+                    (self.config_get(k) or "none").lower() in ("none", "null", "", "~")
+                    for k in ("remote_url", "local_disk")):
+                self.shutdown()
+                alone = ("nothing it saves reaches a consumer" if self._kv_role == "kv_producer"
+                         else "it has nothing to load")
+                raise ValueError(
+                    f"kvrt: kv_role {self._kv_role} needs a tier the other instances read "
+                    f"(remote_url, or a local_disk directory they share); with the CPU tier "
+                    f"alone {alone}")
         else:
             rc = lib.kvrt_worker_create(C.byref(h), C.byref(opts), err, len(err))
             if rc:
@@ -324,7 +340,10 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         if prompt is None or self._off:  # prompt embeddings: no token ids to key
             return 0, False
         self._reqs[request.request_id] = request
-        self._unsaved.add(request.request_id)
+        if self._save_prompts:
+            self._unsaved.add(request.request_id)
+        if not self._load:  # kv_producer
+            return 0, False
         r = self._creq(request)
         n, is_async = C.c_uint32(), C.c_bool()
         rc = self._lib.kvrt_sched_lookup(self._sched, C.byref(r.c), num_computed_tokens,
@@ -337,7 +356,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         return int(n.value), bool(is_async.value)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
-        if request.prompt_token_ids is None:
+        if request.prompt_token_ids is None or not self._load:
             return
         # blocks: kv_cache_manager.get_blocks() right after allocate_slots,
         # current (the whole table: local hit, external, new).
@@ -434,7 +453,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             return None
         for rid, req in self._reqs.items():
             rb = rid.encode()
-            if self._lib.kvrt_sched_rewound(self._sched, rb, len(rb), req.num_computed_tokens) == 0:
+            if (self._lib.kvrt_sched_rewound(self._sched, rb, len(rb), req.num_computed_tokens) == 0
+                    and self._save_prompts):
                 self._unsaved.add(rid)
         return None
 
