@@ -19,7 +19,7 @@ trap 'rm -rf "$corpus"' EXIT INT TERM
 KVRT_LOG=error "$bin/make_seeds" "$corpus" >"$out/make_seeds.log" 2>&1 || {
 	echo "FAIL make_seeds"; cat "$out/make_seeds.log"; exit 1; }
 rc=0
-for t in meta frame lsock config chunk redis; do
+for t in meta frame lsock config chunk disk redis; do
 	mkdir -p "$corpus/$t"
 	if KVRT_LOG=error "$bin/fuzz_$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
 		-print_final_stats=1 -artifact_prefix="$out/$t-" "$corpus/$t" >"$out/$t.log" 2>&1; then

@@ -128,6 +128,20 @@ int main(int argc, char **argv)
 	kvrt_chunk_header_set_checksum(chunk, kvrt_chunk_checksum(chunk, chunk + KVRT_CHUNK_HEADER_SIZE,
 								   h.payload_len));
 	put("chunk", 0, chunk, KVRT_CHUNK_HEADER_SIZE + h.payload_len);
+	/* disk: a tier directory (tests/fuzz/fuzz_disk.c's records): the chunk
+	 * under its name, the same as a crashed write's .tmp, a stray file */
+	uint8_t tier[3 * (KVRT_CHUNK_HEADER_SIZE + 64 + 3)];
+	size_t dl = 0, cl = KVRT_CHUNK_HEADER_SIZE + h.payload_len;
+	for (uint8_t kind = 0; kind <= 4; kind += 2) {
+		const uint8_t *b = kind == 4 ? (const uint8_t *)"lock" : chunk;
+		size_t n = kind == 4 ? 4 : cl;
+		tier[dl++] = kind;
+		tier[dl++] = (uint8_t)n;
+		tier[dl++] = (uint8_t)(n >> 8);
+		memcpy(tier + dl, b, n);
+		dl += n;
+	}
+	put("disk", 0, tier, dl);
 	put_str("config", 0, "chunk_size=256\nmax_local_cpu_size=2.5\ncache_policy=S3-FIFO\n"
 			     "local_disk=file:///tmp/x\nremote_url=redis://h:6379/1\nmailbox_size=1024\n");
 	put_str("config", 1, "# kvrt\nchunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 5.0\n"

@@ -14,7 +14,7 @@ mkdir -p "$corpus" build/fuzz/logs
 KVRT_LOG=error "$bin/make_seeds" "$corpus" >/dev/null 2>&1 || { echo "make_seeds failed"; exit 1; }
 table=""
 rc=0
-for t in meta frame lsock config chunk redis; do
+for t in meta frame lsock config chunk disk redis; do
 	t0=$(date +%s)
 	if KVRT_LOG=error "$bin/fuzz_$t" -runs="$runs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
 		-artifact_prefix="build/fuzz/logs/$t-" "$corpus/$t" >"build/fuzz/logs/$t.log" 2>&1; then
