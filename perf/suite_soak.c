@@ -26,7 +26,8 @@
  * back through get_finished).
  *
  * Figures: request cycles/s; RSS growth from the end of warm-up (10% of
- * the cycles) to the end, in %; file descriptors then and at the end;
+ * the cycles) to the end, and over the second half alone, in %; file
+ * descriptors then and at the end;
  * after a drain and up to 5 s idle: pins, pool slabs not accounted for by
  * CPU-tier chunks, wrong tokens loaded (must all be 0); the tier
  * movements seen.
@@ -458,7 +459,7 @@ static int run(struct kvrt_perf *p)
 		x->freel[x->nfree++] = (int32_t)i;
 	if ((rc = _handles_up(x, disk, port)))
 		goto out;
-	long rss0 = 0;
+	long rss0 = 0, rss_mid = 0;
 	int fds0 = 0;
 	uint64_t warm = cycles / 10;
 	double t0 = 0;
@@ -471,6 +472,8 @@ static int run(struct kvrt_perf *p)
 			fds0 = _nfds();
 			t0 = (double)kvrt_now_ns() / 1e9;
 		}
+		if (!rss_mid && x->done >= warm + (cycles - warm) / 2)
+			rss_mid = _rss_kib(); /* a leak grows in both halves, a fill-up in the first */
 		if (x->steps % 256 == 0)
 			kvrt_perf_progress(p, "soak", x->done, cycles);
 	}
@@ -510,6 +513,7 @@ static int run(struct kvrt_perf *p)
 		held += x->r[k].state == R_DELAYED;
 	_fig(p, "request cycles/s (after warm-up)", (double)(x->done - warm) / (secs > 0 ? secs : 1), "1/s");
 	_fig(p, "RSS growth after warm-up", rss0 > 0 ? 100.0 * (double)(rss1 - rss0) / (double)rss0 : -1, "%");
+	_fig(p, "RSS growth, second half", rss_mid > 0 ? 100.0 * (double)(rss1 - rss_mid) / (double)rss_mid : -1, "%");
 	_fig(p, "RSS after warm-up", (double)rss0 / 1024.0, "MiB");
 	_fig(p, "file descriptors after warm-up", fds0, "fds");
 	_fig(p, "file descriptors at the end", fds1, "fds");
