@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 
@@ -98,7 +99,6 @@ def run_engine(spec, LLM, SamplingParams) -> dict:
     out: dict = {"phases": [], "metrics": []}
     for ph in spec["phases"]:
         for argv in ph.get("before", ()):
-            import subprocess
             subprocess.run(argv, check=True)
         if ph.get("reset_local"):
             # vLLM's own prefix cache only, right after the last phase's

@@ -4,9 +4,9 @@
   storing its own shard; the scheduler asks both ranks' lookup sockets and
   takes the minimum): the repeat hits every whole chunk, tokens identical
   to TP = 2 without kvrt.
-- Two engines in two processes sharing a real redis-server (started here on
-  a free loopback port, stopped by its PID): the second engine, whose CPU
-  tier is empty, hits what the first saved, tokens identical."""
+- Two engines in two processes sharing a real redis-server (conftest's
+  fixture: a free loopback port, stopped by its PID): the second engine,
+  whose CPU tier is empty, hits what the first saved, tokens identical."""
 
 from conftest import (DOCS, DOCS_HIT, INPROC, KVRT, LLM_FP32, delta, level, run,
                       same_tokens)
