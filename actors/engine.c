@@ -189,6 +189,7 @@ int kvrt_engine_register(struct kvrt_engine *e, const struct kvrt_kv_tensor *t, 
 					       .remote_max_pending_writes = e->cfg.remote_max_pending_writes,
 					       .mailbox_size = e->cfg.mailbox_size,
 					       .on_room = e->cfg.on_room,
+					       .debug_discard_delay_ms = e->cfg.debug_discard_delay_ms,
 					       .hook_ctx = e->cfg.hook_ctx});
 	if (rc)
 		goto err_pool;

@@ -129,6 +129,9 @@ struct kvrt_engine_config {
 	uint32_t debug_save_done_delay_ms; /* the save actor holds each step's
 					    * "saves done" this long (a finished
 					    * request then keeps delay_free) */
+	uint32_t debug_discard_delay_ms; /* the evict actor sleeps this long
+					  * before it drops a chunk a load found
+					  * corrupt (a busy evict actor) */
 	/* Where kvrt_engine_saves_done's value is also stored (release) each
 	 * time it advances, written by the save actor until destroy returns:
 	 * shared memory a scheduler in another process reads. NULL: none. */

@@ -15,6 +15,7 @@
 #include <ev.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "actors/disk.h"
 #include "actors/remote.h"
@@ -936,6 +937,11 @@ static void handle(struct kvrt_actor *a, struct kvrt_msg *m)
 		break;
 	}
 	case KVRT_EVICT_DISCARD:
+		if (ev->cfg.debug_discard_delay_ms) /* test instrumentation */
+			nanosleep(&(struct timespec){ev->cfg.debug_discard_delay_ms / 1000,
+						     (long)(ev->cfg.debug_discard_delay_ms % 1000) *
+							     1000000L},
+				  NULL);
 		on_discard(ev, (struct kvrt_chunk_key){.lo = m->arg.u64[0], .hi = m->arg.u64[1]});
 		break;
 	case KVRT_EVICT_CLEAR: {
@@ -1295,7 +1301,9 @@ int kvrt_evict_discard(struct kvrt_evict *ev, struct kvrt_chunk_key key)
 	struct kvrt_msg m = {.type = KVRT_EVICT_DISCARD};
 	m.arg.u64[0] = key.lo;
 	m.arg.u64[1] = key.hi;
-	return kvrt_actor_try_post(ev->actor, &m) ? 0 : -EAGAIN;
+	struct kvrt_completion c;
+	kvrt_completion_init(&c);
+	return kvrt_actor_call(ev->actor, &m, &c, 1000000000ull);
 }
 
 int kvrt_evict_clear(struct kvrt_evict *ev, uint64_t *dropped, uint64_t *kept)

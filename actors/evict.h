@@ -87,6 +87,9 @@ struct kvrt_evict_config {
 	 * request is served (a test makes the actor slow). NULL: none. */
 	void (*on_room)(void *ctx);
 	void *hook_ctx;
+	/* Test instrumentation: the actor sleeps this long before it handles
+	 * a discard (kvrt_evict_discard's caller must not outrun it). 0: none. */
+	uint32_t debug_discard_delay_ms;
 };
 
 struct kvrt_evict_stats {
@@ -182,11 +185,14 @@ int kvrt_evict_remote_find(struct kvrt_evict *ev, const struct kvrt_chunk_key *k
 int kvrt_evict_clear(struct kvrt_evict *ev, uint64_t *dropped, uint64_t *kept);
 /* A reader found the CPU copy of key corrupt (its checksum failed on load):
  * the chunk leaves the index and the disk tier at once, or as soon as the
- * pins and copies in flight on it are gone (a later lookup may still be
- * promised it until then; its load fails the checksum again and is
- * recomputed). The next save of key admits a fresh copy. Any thread but the
- * actor's; a try-post: -EAGAIN when the mailbox is full (the chunk then
- * fails its checksum again on a later load, which posts again). */
+ * copies in flight on it are gone (a later lookup may still be promised it
+ * until then; its load fails the checksum again and is recomputed). Waits
+ * until the actor has handled it, so a save the caller's report leads to
+ * (vLLM recomputes the chunk and saves it) never finds the corrupt copy
+ * still indexed and skips itself as a duplicate: the next save of key
+ * admits a fresh copy. Any thread but the actor's. 0, or the post's error
+ * (-ETIMEDOUT after 1 s of a full mailbox, -ESHUTDOWN): the chunk then
+ * fails its checksum again on a later load, which asks again. */
 int kvrt_evict_discard(struct kvrt_evict *ev, struct kvrt_chunk_key key);
 /* Whether a remote tier is configured. */
 bool kvrt_evict_has_remote(const struct kvrt_evict *ev);

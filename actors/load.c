@@ -261,8 +261,10 @@ static void debug_overwrite(void *addr, uint64_t bytes)
 
 /* Add chunks ch[0..n) of a request to plan p. Returns how many were added
  * (the first that cannot be stops it). A chunk failing its checksum is
- * discarded (the evict actor drops it from the index and the disk tier):
- * later lookups miss it, and the recompute's save caches a good copy. */
+ * discarded (the evict actor drops it from the index and the disk tier;
+ * this thread waits until it has, before the load is reported): later
+ * lookups miss it, and the recompute's save caches a good copy instead of
+ * finding the bad one still indexed. */
 static uint32_t add_chunks(struct kvrt_load *l, struct kvrt_device_plan *p, const struct _lchunk *ch,
 			   uint32_t n, const int32_t *blk, uint32_t nblk)
 {
@@ -288,7 +290,7 @@ static uint32_t add_chunks(struct kvrt_load *l, struct kvrt_device_plan *p, cons
 			kvrt_key_format(c->key, hex);
 			int drc = kvrt_evict_discard(e->ev, c->key);
 			kvrt_error("load: chunk %s fails its checksum: not loaded, %s", hex,
-				   drc ? "dropped at its next failure (evict mailbox full)"
+				   drc ? "dropped at its next failure (evict actor not answering)"
 				       : "dropped from the cache (the recompute saves it again)");
 			_KVRT_STAT_ADD(e, st_checksum_failures, 1);
 			return i;

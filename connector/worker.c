@@ -76,7 +76,8 @@ struct _kvrt_pend {
  * every chunk is overwritten and served without the check (wrong KV: the
  * negative control of the engine tests); slow_saves=MS: each step's saves
  * are reported done MS ms late (finished requests keep delay_free);
- * skip_saves_rank=K: the worker of TP rank K saves nothing (the scheduler
+ * slow_discards=MS: the evict actor takes MS ms to drop a chunk a load
+ * found corrupt; skip_saves_rank=K: the worker of TP rank K saves nothing (the scheduler
  * must then take the minimum over ranks). The shim reads
  * zero_kv_before_load itself. Unknown words are ignored with a warning. */
 static void debug_from_env(struct kvrt_engine_config *ec, struct kvrt_worker *wk)
@@ -93,6 +94,8 @@ static void debug_from_env(struct kvrt_engine_config *ec, struct kvrt_worker *wk
 			ec->debug_corrupt_loads = n;
 		else if (sscanf(w, "slow_saves=%u", &n) == 1)
 			ec->debug_save_done_delay_ms = n;
+		else if (sscanf(w, "slow_discards=%u", &n) == 1)
+			ec->debug_discard_delay_ms = n;
 		else if (sscanf(w, "skip_saves_rank=%u", &n) == 1)
 			wk->debug_skip_saves = n == wk->tp_rank;
 		else if (!strcmp(w, "perturb_loads"))

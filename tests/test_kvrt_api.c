@@ -340,10 +340,17 @@ Test(kvrt_api, hit_request_saves_chunks_beyond_its_hit)
 	rig_down(&g);
 }
 
+/* A chunk whose CPU copy fails its checksum: a load error, dropped, saved
+ * again by the recompute, then served whole. The evict actor is made slow
+ * to drop it (slow_discards): the load must not report before the chunk is
+ * out of the index, or the recompute's save finds it there and skips itself
+ * as a duplicate, and the chunk is lost once the drop lands. */
 Test(kvrt_api, corrupt_chunk_is_a_load_error)
 {
+	setenv("KVRT_DEBUG", "slow_discards=300", 1);
 	struct rig g;
 	rig_up(&g, "t-corrupt");
+	unsetenv("KVRT_DEBUG");
 	uint32_t tok[T];
 	for (uint32_t i = 0; i < T; i++)
 		tok[i] = 5000 + i * 3;
