@@ -22,7 +22,9 @@ PHASE: {"prompts": [[token ids]...], "max_tokens": n,
 OUT:  {"runs": [{"phases": [[[generated ids] per prompt] per phase],
                  "metrics": [{name: value} after each phase],
                  "resets": [bool per reset_local],
-                 "end": {"used_blocks": n} (in-process engines only)}, ...]}
+                 "end": {"pins": kvrt's pins once loads in flight ended
+                                 (runs with kvrt),
+                         "used_blocks": n (in-process engines only)}}, ...]}
 Greedy (temperature 0), seed 0, ignore_eos: the generated ids depend on
 the prompt and on the KV the model reads, nothing else."""
 
@@ -32,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 
 def metrics(llm) -> dict:
@@ -51,6 +54,21 @@ def scheduler_of(llm):
     core = getattr(llm.llm_engine, "engine_core", None)
     core = getattr(core, "engine_core", None)
     return getattr(core, "scheduler", None)
+
+
+def settled_pins(llm, SamplingParams) -> float:
+    """kvrt's pins once loads still in flight after the last phase ended
+    (an aborted request's async load runs on) have finished: the gauge is
+    reported with a step, so one-token requests that hit nothing make
+    steps, 5 s at most. A pin that outlives them is a leak."""
+    sp = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
+    for i in range(50):
+        pins = metrics(llm).get("vllm:kvrt_pins", 0)
+        if not pins:
+            return 0
+        time.sleep(0.1)
+        llm.generate([{"prompt_token_ids": [11 + i] * 3}], sp, use_tqdm=False)
+    return metrics(llm).get("vllm:kvrt_pins", 0)
 
 
 def run_aborts(llm, ph, sp) -> list:
@@ -119,6 +137,9 @@ def run_engine(spec, LLM, SamplingParams) -> dict:
                 got += [list(r.outputs[0].token_ids) for r in res]
             out["phases"].append(got)
         out["metrics"].append(metrics(llm))
+    out["end"] = {}
+    if spec.get("kvrt") is not None:
+        out["end"]["pins"] = settled_pins(llm, SamplingParams)
     sched = scheduler_of(llm)
     if sched is not None:
         # Blocks still held by requests (a finished one whose saves were
@@ -126,7 +147,7 @@ def run_engine(spec, LLM, SamplingParams) -> dict:
         if sched.has_requests():
             llm.llm_engine.step()
         pool = sched.kv_cache_manager.block_pool
-        out["end"] = {"used_blocks": pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()}
+        out["end"]["used_blocks"] = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
     core = getattr(llm.llm_engine, "engine_core", None)
     if core is not None:
         core.shutdown()

@@ -46,7 +46,7 @@ def go(spec, baseline, what):
     for i, (ph, got) in enumerate(zip(spec["phases"], r["phases"])):
         want = baseline["docs" if ph["prompts"] is DOCS else "docs_b"]
         same_tokens(got, want, f"{what}, phase {i}")
-    assert level(r, "kvrt_pins") == 0
+    assert r["end"]["pins"] == 0, f"{r['end']['pins']} kvrt pins still held"
     assert r["end"]["used_blocks"] == 0, f"{r['end']['used_blocks']} vLLM blocks still used"
     return r, out["log"]
 
