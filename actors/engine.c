@@ -190,6 +190,7 @@ int kvrt_engine_register(struct kvrt_engine *e, const struct kvrt_kv_tensor *t, 
 					       .mailbox_size = e->cfg.mailbox_size,
 					       .on_room = e->cfg.on_room,
 					       .debug_discard_delay_ms = e->cfg.debug_discard_delay_ms,
+					       .tier_events = e->cfg.tier_events,
 					       .hook_ctx = e->cfg.hook_ctx});
 	if (rc)
 		goto err_pool;
@@ -942,6 +943,15 @@ int kvrt_engine_flush(struct kvrt_engine *e)
 }
 
 /* --- any thread ---------------------------------------------------------------- */
+
+size_t kvrt_engine_tier_events(struct kvrt_engine *e, struct kvrt_tier_event *out, size_t max,
+			       uint64_t *dropped)
+{
+	struct kvrt_tier_events *te = e->ev ? kvrt_evict_tier_events(e->ev) : NULL;
+	if (dropped)
+		*dropped = kvrt_tier_events_dropped(te);
+	return kvrt_tier_events_take(te, out, max);
+}
 
 int kvrt_engine_reset(struct kvrt_engine *e, uint64_t *dropped, uint64_t *kept)
 {

@@ -129,6 +129,8 @@ struct kvrt_engine_config {
 	uint32_t debug_save_done_delay_ms; /* the save actor holds each step's
 					    * "saves done" this long (a finished
 					    * request then keeps delay_free) */
+	uint32_t tier_events; /* KV events: the evict actor's tier-event ring
+			       * entries (kvrt_engine_tier_events); 0 = none */
 	uint32_t debug_discard_delay_ms; /* the evict actor sleeps this long
 					  * before it drops a chunk a load found
 					  * corrupt (a busy evict actor) */
@@ -375,6 +377,12 @@ int kvrt_engine_flush(struct kvrt_engine *e);
 int kvrt_engine_reset(struct kvrt_engine *e, uint64_t *dropped, uint64_t *kept);
 
 void kvrt_engine_stats(struct kvrt_engine *e, struct kvrt_engine_stats *out);
+
+/* Up to max tier events (actors/tier_events.h), oldest first; how many.
+ * One consumer thread at a time; 0 before register or with events off.
+ * *dropped (NULL ok): events lost to a full ring so far. */
+size_t kvrt_engine_tier_events(struct kvrt_engine *e, struct kvrt_tier_event *out, size_t max,
+			       uint64_t *dropped);
 
 /* Parts, for tests and tools (NULL before register for pool/evict). */
 struct kvrt_index *kvrt_engine_index(struct kvrt_engine *e);

@@ -19,6 +19,7 @@
 
 #include "actors/disk.h"
 #include "actors/remote.h"
+#include "actors/tier_events.h"
 #include "runtime/log.h"
 
 /* Writer-only entry flags beyond the index's (entry->flags). */
@@ -32,6 +33,8 @@ enum {
 	F_DISCARD = 1u << 13, /* CPU copy a load found corrupt (also F_LOST): never served again */
 	F_DETACHED = 1u << 14, /* out of the index while pinned (kvrt_index_detach): in ev->lost
 				* until its pins are gone, then its slab and the entry are freed */
+	F_IN_REMOTE = 1u << 15, /* a write-behind stored it in Redis */
+	F_RGONE = 1u << 16,     /* a read found it no longer in Redis */
 };
 
 /* REMOTE entries nobody promoted are dropped after this (unpinned). */
@@ -114,6 +117,7 @@ struct kvrt_evict {
 	struct _waiter *waiters;     /* promote requests in flight */
 	struct _starved *starved, **starved_tail; /* promotions waiting for a slab */
 	uint64_t removed;            /* retirements since the last gc */
+	struct kvrt_tier_events *te; /* tier events (cfg.tier_events), or NULL */
 	/* Counters, written by the actor, read by anyone (relaxed). */
 	STAT(ev, admitted);
 	STAT(ev, admit_dup);
@@ -149,6 +153,47 @@ struct kvrt_evict {
 #define DEC(ev, f) atomic_fetch_sub_explicit(&(ev)->f, 1, memory_order_relaxed)
 #define GET(ev, f) atomic_load_explicit(&(ev)->f, memory_order_relaxed)
 
+/* --- tier events ------------------------------------------------------------ */
+
+/* Where e is loadable from now. A copy a load found corrupt, or whose disk
+ * file is gone, is loadable from nowhere local; Redis keeps what it was
+ * given until a read finds it gone (F_RGONE). */
+static uint8_t media_of(const struct kvrt_index_entry *e)
+{
+	uint8_t m = 0;
+	enum kvrt_tier t = kvrt_index_entry_tier((struct kvrt_index_entry *)e);
+	if (!(e->flags & (F_LOST | F_DISCARD | F_DETACHED))) {
+		if (t == KVRT_TIER_CPU)
+			m |= KVRT_MEDIUM_CPU;
+		if ((e->flags & F_ON_DISK) || t == KVRT_TIER_DISK)
+			m |= KVRT_MEDIUM_DISK;
+	}
+	if (((e->flags & F_IN_REMOTE) || t == KVRT_TIER_REMOTE) && !(e->flags & F_RGONE))
+		m |= KVRT_MEDIUM_REMOTE;
+	return m;
+}
+
+/* e's media may have changed: say what did (no-op when events are off). */
+static void media_sync(struct kvrt_evict *ev, struct kvrt_index_entry *e)
+{
+	if (!ev->te)
+		return;
+	uint8_t now = media_of(e);
+	kvrt_tier_events_diff(ev->te, e->key, e->media, now);
+	e->media = now;
+}
+
+/* e leaves the index: its local copies go; a Redis copy stays in Redis
+ * (only this index forgets it) unless a read found it gone. */
+static void media_gone(struct kvrt_evict *ev, struct kvrt_index_entry *e)
+{
+	if (!ev->te)
+		return;
+	uint8_t now = (e->flags & F_RGONE) ? 0 : (e->media & KVRT_MEDIUM_REMOTE);
+	kvrt_tier_events_diff(ev->te, e->key, e->media, now);
+	e->media = now;
+}
+
 /* ===================== actor thread ===================================== */
 
 static uint32_t occupancy(struct kvrt_evict *ev)
@@ -175,6 +220,7 @@ static bool retire(struct kvrt_evict *ev, struct kvrt_index_entry *e)
 	uint32_t slab = atomic_load_explicit(&e->slab, memory_order_relaxed);
 	if (!kvrt_index_try_retire(ev->idx, e))
 		return false;
+	media_gone(ev, e);
 	/* e is freed after the grace period; only our copies are used now. */
 	if (t == KVRT_TIER_CPU) {
 		kvrt_pool_free(ev->pool, slab);
@@ -215,6 +261,7 @@ static void discard_detach(struct kvrt_evict *ev, struct kvrt_index_entry *e)
 {
 	kvrt_index_detach(ev->idx, e);
 	e->flags |= F_DETACHED;
+	media_gone(ev, e);
 	DEC(ev, cpu_entries);
 	if ((e->flags & F_ON_DISK) && ev->disk)
 		(void)kvrt_disk_remove(ev->disk, e->key);
@@ -276,6 +323,7 @@ static bool evict_one(struct kvrt_evict *ev, struct kvrt_index_entry *e)
 			DEC(ev, cpu_entries);
 			INC(ev, disk_entries);
 			INC(ev, demoted);
+			media_sync(ev, e);
 			return true;
 		}
 		struct kvrt_chunk_header h;
@@ -409,12 +457,14 @@ static void on_admit(struct kvrt_evict *ev, struct kvrt_msg *m)
 			kvrt_policy_insert(ev->pol, e);
 			if (t == KVRT_TIER_REMOTE) {
 				rl_remove(ev, e);
+				e->flags |= F_IN_REMOTE; /* still there */
 				DEC(ev, remote_entries);
 			} else {
 				DEC(ev, disk_entries);
 			}
 			INC(ev, cpu_entries);
 			INC(ev, admitted);
+			media_sync(ev, e);
 		} else {
 			kvrt_pool_free(ev->pool, slab);
 			INC(ev, admit_dup);
@@ -441,6 +491,7 @@ static void on_admit(struct kvrt_evict *ev, struct kvrt_msg *m)
 	kvrt_policy_insert(ev->pol, e);
 	INC(ev, cpu_entries);
 	INC(ev, admitted);
+	media_sync(ev, e);
 	remote_write_behind(ev, e);
 }
 
@@ -582,8 +633,10 @@ static void on_disk_written(struct kvrt_evict *ev, struct kvrt_chunk_key key, in
 			DEC(ev, cpu_entries);
 			INC(ev, disk_entries);
 			INC(ev, demoted);
+			media_sync(ev, e);
 			return;
 		}
+		media_sync(ev, e); /* pinned: on disk and still in the CPU tier */
 	} else {
 		INC(ev, demote_failed);
 		if (retire(ev, e)) {
@@ -617,6 +670,7 @@ static void on_disk_read_done(struct kvrt_evict *ev, struct kvrt_chunk_key key, 
 		DEC(ev, disk_entries);
 		INC(ev, cpu_entries);
 		INC(ev, promoted);
+		media_sync(ev, e);
 		waiters_signal(ev, e, 0);
 		return;
 	}
@@ -627,8 +681,10 @@ static void on_disk_read_done(struct kvrt_evict *ev, struct kvrt_chunk_key key, 
 		return; /* transient or a local limit: the file stays */
 	/* The copy is bad or gone: a miss from now on. */
 	e->flags &= ~F_ON_DISK;
-	if (!retire(ev, e))
+	if (!retire(ev, e)) {
 		lost_add(ev, e);
+		media_sync(ev, e);
+	}
 }
 
 static void on_disk_dropped(struct kvrt_evict *ev, struct kvrt_chunk_key key)
@@ -638,10 +694,14 @@ static void on_disk_dropped(struct kvrt_evict *ev, struct kvrt_chunk_key key)
 		return;
 	INC(ev, disk_dropped);
 	e->flags &= ~F_ON_DISK;
-	if (kvrt_index_entry_tier(e) != KVRT_TIER_DISK || (e->flags & KVRT_INDEX_F_READING))
+	if (kvrt_index_entry_tier(e) != KVRT_TIER_DISK || (e->flags & KVRT_INDEX_F_READING)) {
+		media_sync(ev, e);
 		return; /* CPU copy remains, or the read's completion decides */
-	if (!retire(ev, e))
+	}
+	if (!retire(ev, e)) {
 		lost_add(ev, e);
+		media_sync(ev, e);
+	}
 }
 
 static void on_remote_written(struct kvrt_evict *ev, struct kvrt_chunk_key key, int status)
@@ -651,10 +711,13 @@ static void on_remote_written(struct kvrt_evict *ev, struct kvrt_chunk_key key, 
 		return;
 	e->flags &= ~F_RWRITING;
 	ev->rwriting--;
-	if (status == 0)
+	if (status == 0) {
 		INC(ev, remote_writes);
-	else
+		e->flags |= F_IN_REMOTE;
+		media_sync(ev, e);
+	} else {
 		INC(ev, remote_write_failed);
+	}
 }
 
 static void on_remote_read_done(struct kvrt_evict *ev, struct kvrt_chunk_key key, int status,
@@ -679,6 +742,8 @@ static void on_remote_read_done(struct kvrt_evict *ev, struct kvrt_chunk_key key
 		DEC(ev, remote_entries);
 		INC(ev, cpu_entries);
 		INC(ev, remote_hits);
+		e->flags |= F_IN_REMOTE; /* read from there */
+		media_sync(ev, e);
 		waiters_signal(ev, e, 0);
 		return;
 	}
@@ -691,6 +756,10 @@ static void on_remote_read_done(struct kvrt_evict *ev, struct kvrt_chunk_key key
 	waiters_signal(ev, e, status);
 	/* A miss from now on; retired once unpinned (rl_sweep). */
 	e->flags |= F_RLOST;
+	if (status == -ENOENT) { /* (an error says nothing of what Redis holds) */
+		e->flags |= F_RGONE;
+		media_sync(ev, e);
+	}
 }
 
 /* A find request: ask Redis (EXISTS) about f's keys. */
@@ -742,6 +811,7 @@ static void on_remote_exists_done(struct kvrt_evict *ev, struct _rfind *f, int s
 		ev->rl[ev->rl_n++] = e;
 		INC(ev, remote_found);
 		INC(ev, remote_entries);
+		media_sync(ev, e);
 	}
 	INC(ev, remote_finds);
 	if (!present) {
@@ -781,6 +851,7 @@ static void on_reindex(struct kvrt_evict *ev, struct kvrt_msg *m)
 		}
 		INC(ev, disk_found);
 		INC(ev, disk_entries);
+		media_sync(ev, e);
 	}
 }
 
@@ -868,6 +939,7 @@ static void on_discard(struct kvrt_evict *ev, struct kvrt_chunk_key key)
 		return;
 	INC(ev, discarded);
 	e->flags |= F_DISCARD;
+	media_sync(ev, e);
 	kvrt_policy_remove(ev->pol, e); /* no-op while a tier writes it */
 	lost_sweep(ev);
 }
@@ -1141,6 +1213,8 @@ int kvrt_evict_create(struct kvrt_evict **out, const struct kvrt_evict_config *c
 	ev->skip = calloc(ev->slabs, sizeof(*ev->skip));
 	if (!ev->skip)
 		goto err;
+	if (cfg->tier_events && (rc = kvrt_tier_events_create(&ev->te, cfg->tier_events)))
+		goto err;
 	rc = kvrt_policy_create(&ev->pol, cfg->policy, ev->slabs);
 	if (rc)
 		goto err;
@@ -1203,11 +1277,17 @@ err_actor:
 	kvrt_actor_destroy(ev->actor);
 err:
 	kvrt_policy_destroy(ev->pol);
+	kvrt_tier_events_destroy(ev->te);
 	free(ev->skip);
 	free(ev->dir);
 	free(ev->url);
 	free(ev);
 	return rc;
+}
+
+struct kvrt_tier_events *kvrt_evict_tier_events(struct kvrt_evict *ev)
+{
+	return ev ? ev->te : NULL;
 }
 
 void kvrt_evict_destroy(struct kvrt_evict *ev)
@@ -1236,6 +1316,7 @@ void kvrt_evict_destroy(struct kvrt_evict *ev)
 		if (ev->lost[i]->flags & F_DETACHED)
 			kvrt_index_entry_free(ev->idx, ev->lost[i]);
 	kvrt_policy_destroy(ev->pol);
+	kvrt_tier_events_destroy(ev->te);
 	free(ev->skip);
 	free(ev->lost);
 	free(ev->rl);

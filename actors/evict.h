@@ -59,6 +59,7 @@
 #include "actors/index.h"
 #include "actors/policy.h"
 #include "actors/pool.h"
+#include "actors/tier_events.h"
 #include "runtime/actor.h"
 
 struct kvrt_evict;
@@ -90,6 +91,10 @@ struct kvrt_evict_config {
 	/* Test instrumentation: the actor sleeps this long before it handles
 	 * a discard (kvrt_evict_discard's caller must not outrun it). 0: none. */
 	uint32_t debug_discard_delay_ms;
+	/* Tier events (actors/tier_events.h): ring entries; 0 = none (no
+	 * cost). The actor pushes a STORED or REMOVED for each medium a chunk
+	 * becomes loadable from or stops being. */
+	uint32_t tier_events;
 };
 
 struct kvrt_evict_stats {
@@ -194,6 +199,9 @@ int kvrt_evict_clear(struct kvrt_evict *ev, uint64_t *dropped, uint64_t *kept);
  * (-ETIMEDOUT after 1 s of a full mailbox, -ESHUTDOWN): the chunk then
  * fails its checksum again on a later load, which asks again. */
 int kvrt_evict_discard(struct kvrt_evict *ev, struct kvrt_chunk_key key);
+/* The tier-event ring (cfg.tier_events), or NULL: its one consumer takes
+ * from it (kvrt_tier_events_take). Any thread. */
+struct kvrt_tier_events *kvrt_evict_tier_events(struct kvrt_evict *ev);
 /* Whether a remote tier is configured. */
 bool kvrt_evict_has_remote(const struct kvrt_evict *ev);
 /* Run an eviction pass and wait for it (tests, after releasing pins). */

@@ -88,7 +88,10 @@ struct kvrt_index_entry {
 	uint64_t q_stamp;                /* atime the policy last saw */
 	uint32_t q_pos;                  /* heap position, or UINT32_MAX */
 	uint8_t q_id;                    /* which queue/structure holds it, 0 = none */
-	uint8_t q_pad[3];                /* unused */
+	uint8_t media;                   /* evict actor: where it last said the
+					  * chunk is loadable from (KVRT_MEDIUM_*
+					  * bits of actors/tier_events.h) */
+	uint8_t q_pad[2];                /* unused */
 	uint64_t owner_data;             /* free for the writer (e.g. a request cookie) */
 	ck_epoch_entry_t epoch_entry;    /* deferred free */
 };

@@ -119,6 +119,18 @@ struct kvrt_options {
  * or TP x PP > 1. KVRT_LOOKUP_SOCKET=1 / =0 overrides both. */
 enum {
 	KVRT_OPT_WORKERS_ELSEWHERE = 1u << 0,
+	/* vLLM publishes KV cache events (kv_events_config): the worker keeps
+	 * its tier events for kvrt_worker_kv_events. Off: none kept, no cost. */
+	KVRT_OPT_KV_EVENTS = 1u << 1,
+};
+
+/* A chunk became loadable from a tier of this worker, or stopped being
+ * (KVRT_OPT_KV_EVENTS): key as kvrt_sched_chunk_keys gives it. */
+struct kvrt_kv_event {
+	uint64_t key_lo, key_hi;
+	uint8_t kind;   /* 1 stored, 2 removed */
+	uint8_t medium; /* 1 CPU pool, 2 local disk, 4 Redis */
+	uint8_t pad[6];
 };
 
 /* A bytes string (cache_salt, a multimodal hash). */
@@ -265,6 +277,12 @@ KVRT_API int kvrt_worker_get_finished(struct kvrt_worker *w, void *buf, size_t c
  * the last call. Returns how many were written (<= cap; the rest stay). */
 KVRT_API size_t kvrt_worker_load_errors(struct kvrt_worker *w, int64_t *out, size_t cap);
 
+/* Tier events since the last call, oldest first (KVRT_OPT_KV_EVENTS; the
+ * worker thread, once a step): how many were written (<= cap; the rest
+ * stay). *dropped (NULL ok): events lost so far to a full queue (65536). */
+KVRT_API size_t kvrt_worker_kv_events(struct kvrt_worker *w, struct kvrt_kv_event *out, size_t cap,
+				      uint64_t *dropped);
+
 /* Counters; any thread. 0. */
 KVRT_API int kvrt_worker_stats(struct kvrt_worker *w, struct kvrt_stats *out);
 
@@ -374,6 +392,13 @@ KVRT_API bool kvrt_sched_sees_worker(struct kvrt_sched *s);
  * environment and vLLM's extra config applied) as text, e.g.
  * "save_decode_cache" -> "false". 0, -EINVAL (unknown key), -ENOSPC
  * (truncated). */
+/* The chunk keys of r's tokens [0, num_tokens), as lookups and saves key
+ * them (r's lora and salt included): n whole chunks, then the partial
+ * last one when tail is true. Writes min(count, cap) keys to out as (lo,
+ * hi) pairs; returns the count. The scheduler thread. */
+KVRT_API uint32_t kvrt_sched_chunk_keys(struct kvrt_sched *s, const struct kvrt_request *r, bool tail,
+					uint64_t *out, uint32_t cap);
+
 KVRT_API int kvrt_sched_config_get(struct kvrt_sched *s, const char *key, char *buf, size_t len);
 
 /* --- debug (tests only) ----------------------------------------------------- */

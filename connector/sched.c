@@ -249,6 +249,21 @@ int kvrt_sched_reset_cache(struct kvrt_sched *s)
 	return kept ? -EBUSY : 0;
 }
 
+uint32_t kvrt_sched_chunk_keys(struct kvrt_sched *s, const struct kvrt_request *r, bool tail,
+			       uint64_t *out, uint32_t cap)
+{
+	uint32_t cs = s->cs, n = r->num_tokens / cs, rest = r->num_tokens % cs;
+	uint64_t ns = sched_req_ns(s, r);
+	struct kvrt_chunk_key prev = kvrt_key_root();
+	uint32_t count = n + (tail && rest);
+	for (uint32_t i = 0; i < count && i < cap; i++) {
+		prev = kvrt_key_chunk(ns, prev, r->tokens + (size_t)i * cs, i < n ? cs : rest);
+		out[2 * i] = prev.lo;
+		out[2 * i + 1] = prev.hi;
+	}
+	return count;
+}
+
 int kvrt_sched_config_get(struct kvrt_sched *s, const char *key, char *buf, size_t len)
 {
 	return kvrt_config_get(&s->cfg, key, buf, len);

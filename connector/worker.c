@@ -12,6 +12,7 @@
 #include "connector/kvrt.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -163,6 +164,7 @@ int kvrt_worker_create(struct kvrt_worker **out, const struct kvrt_options *o, c
 		/* Checked a power of two by config.h; the engine applies it to
 		 * the evict actor's mailbox (actors/engine.h). */
 		.mailbox_size = c->mailbox_size,
+		.tier_events = (o->flags & KVRT_OPT_KV_EVENTS) ? 65536 : 0,
 	};
 	debug_from_env(&ec, w);
 	if (_kvrt_lsock_wanted(o)) {
@@ -696,6 +698,21 @@ int kvrt_worker_get_finished(struct kvrt_worker *w, void *buf, size_t cap, uint3
 size_t kvrt_worker_load_errors(struct kvrt_worker *w, int64_t *out, size_t cap)
 {
 	return w->registered ? kvrt_engine_load_errors(w->e, out, cap) : 0;
+}
+
+_Static_assert(sizeof(struct kvrt_kv_event) == sizeof(struct kvrt_tier_event) &&
+		       offsetof(struct kvrt_kv_event, kind) == offsetof(struct kvrt_tier_event, kind) &&
+		       offsetof(struct kvrt_kv_event, medium) == offsetof(struct kvrt_tier_event, medium),
+	       "kvrt_kv_event is the engine's tier event");
+
+size_t kvrt_worker_kv_events(struct kvrt_worker *w, struct kvrt_kv_event *out, size_t cap,
+			     uint64_t *dropped)
+{
+	if (dropped)
+		*dropped = 0;
+	if (!w || !w->registered)
+		return 0;
+	return kvrt_engine_tier_events(w->e, (struct kvrt_tier_event *)out, cap, dropped);
 }
 
 int kvrt_worker_stats(struct kvrt_worker *w, struct kvrt_stats *o)

@@ -51,6 +51,9 @@ static bool check(const void *p, struct kvrt_chunk_key k)
 	return !memcmp(buf, p, CHUNK_BYTES);
 }
 
+/* Tier-event ring entries of the next rig_up (0: events off). */
+static uint32_t rig_events;
+
 static void rig_up(struct rig *g, uint32_t slabs, enum kvrt_policy_kind pol, double hi, double lo,
 		   bool disk)
 {
@@ -72,7 +75,8 @@ static void rig_up(struct rig *g, uint32_t slabs, enum kvrt_policy_kind pol, dou
 									    .high_watermark = hi,
 									    .low_watermark = lo,
 									    .disk_dir = disk ? g->dir : NULL,
-									    .disk_budget_bytes = 1 << 20}),
+									    .disk_budget_bytes = 1 << 20,
+									    .tier_events = rig_events}),
 		     0);
 	g->r = kvrt_index_reader_open(g->idx);
 	cr_assert(g->r);
@@ -393,7 +397,8 @@ Test(evict, demote_promote_restart, .timeout = 60)
 									    .high_watermark = 0.75,
 									    .low_watermark = 0.5,
 									    .disk_dir = dir,
-									    .disk_budget_bytes = 1 << 20}),
+									    .disk_budget_bytes = 1 << 20,
+									    .tier_events = rig_events}),
 		     0);
 	h.r = kvrt_index_reader_open(h.idx);
 	strcpy(h.dir, dir);
@@ -514,5 +519,93 @@ Test(evict, discard_drops_a_corrupt_chunk_pinned_or_not, .timeout = 60)
 		cr_assert_lt(kvrt_now_ns() - t0, 10000000000ull, "a discarded chunk's disk copy stays");
 		usleep(1000);
 	}
+	rig_down(&g, false);
+}
+
+/* Replays the tier events taken so far into media[key] (keys 0..15):
+ * every STORED adds a medium the chunk did not have, every REMOVED takes
+ * one it had (a router's view never goes wrong). */
+static void replay(struct rig *g, uint8_t *media)
+{
+	struct kvrt_tier_event evs[64];
+	size_t n;
+	while ((n = kvrt_tier_events_take(kvrt_evict_tier_events(g->ev), evs, 64)) > 0) {
+		for (size_t i = 0; i < n; i++) {
+			uint64_t k = UINT64_MAX;
+			for (uint64_t j = 0; j < 16; j++)
+				if (key_of(j).lo == evs[i].key_lo && key_of(j).hi == evs[i].key_hi)
+					k = j;
+			cr_assert_neq(k, UINT64_MAX, "an event for a key never admitted");
+			uint8_t m = evs[i].medium;
+			if (evs[i].kind == KVRT_TIER_EVENT_STORED) {
+				cr_assert_not(media[k] & m, "chunk %llu stored twice in medium %u",
+					      (unsigned long long)k, m);
+				media[k] |= m;
+			} else {
+				cr_assert_eq(evs[i].kind, KVRT_TIER_EVENT_REMOVED);
+				cr_assert(media[k] & m, "chunk %llu removed from medium %u it was not in",
+					  (unsigned long long)k, m);
+				media[k] &= (uint8_t)~m;
+			}
+		}
+	}
+}
+
+/* KV events: what a router replays of the evict actor's tier events is
+ * where each chunk is loadable from: admitted (CPU), demoted (disk only),
+ * promoted (CPU and its disk copy), found corrupt (nowhere), cleared. */
+Test(evict, tier_events_say_where_each_chunk_is, .timeout = 60)
+{
+	struct rig g;
+	rig_events = 256;
+	rig_up(&g, 16, KVRT_POLICY_LRU, 0.75, 0.5, true);
+	uint8_t media[16] = {0};
+	for (uint64_t i = 0; i < 13; i++)
+		admit(&g, i);
+	for (uint64_t i = 0; i < 5; i++)
+		wait_tier(&g, i, KVRT_TIER_DISK);
+	cr_assert_eq(kvrt_evict_sync(g.ev), 0);
+	replay(&g, media);
+	for (uint64_t i = 0; i < 13; i++)
+		cr_assert_eq(media[i], i < 5 ? KVRT_MEDIUM_DISK : KVRT_MEDIUM_CPU, "chunk %llu: media %u",
+			     (unsigned long long)i, media[i]);
+	cr_assert_eq(promote(&g, 1), 0);
+	cr_assert_eq(kvrt_evict_sync(g.ev), 0);
+	replay(&g, media);
+	cr_assert_eq(media[1], KVRT_MEDIUM_CPU | KVRT_MEDIUM_DISK);
+	cr_assert_eq(kvrt_evict_discard(g.ev, key_of(1)), 0);
+	replay(&g, media);
+	cr_assert_eq(media[1], 0, "a chunk found corrupt is still said to be loadable");
+	uint64_t dropped = 0, kept = 0;
+	cr_assert_eq(kvrt_evict_clear(g.ev, &dropped, &kept), 0);
+	cr_assert_eq(kept, 0);
+	replay(&g, media);
+	for (uint64_t i = 0; i < 16; i++)
+		cr_assert_eq(media[i], 0, "chunk %llu: media %u after clear", (unsigned long long)i,
+			     media[i]);
+	cr_assert_eq(kvrt_tier_events_dropped(kvrt_evict_tier_events(g.ev)), 0);
+	rig_down(&g, false);
+}
+
+/* A full event ring drops and counts; admits never wait for its reader.
+ * With events off there is no ring. */
+Test(evict, tier_events_full_ring_drops_and_counts, .timeout = 60)
+{
+	struct rig g;
+	rig_events = 0;
+	rig_up(&g, 64, KVRT_POLICY_LRU, 1.0, 0.9, false);
+	cr_assert_null(kvrt_evict_tier_events(g.ev));
+	rig_down(&g, false);
+	rig_events = 1; /* rounded up to 64 */
+	rig_up(&g, 128, KVRT_POLICY_LRU, 1.0, 0.9, false);
+	for (uint64_t i = 0; i < 70; i++)
+		admit(&g, i);
+	struct kvrt_tier_events *te = kvrt_evict_tier_events(g.ev);
+	cr_assert_eq(kvrt_tier_events_dropped(te), 7); /* 63 fit (ck keeps a slot free) */
+	struct kvrt_tier_event evs[128];
+	cr_assert_eq(kvrt_tier_events_take(te, evs, 128), 63);
+	admit(&g, 70);
+	cr_assert_eq(kvrt_tier_events_take(te, evs, 128), 1, "events stopped after a full ring");
+	cr_assert_eq(evs[0].key_lo, key_of(70).lo);
 	rig_down(&g, false);
 }
