@@ -5,12 +5,16 @@ engine_run.py SPEC.json OUT.json.
 SPEC: {"runs": [RUN, ...]} or one RUN;
 RUN:  {"model": dir, "kvrt": null | {extra config}, "llm": {LLM kwargs},
        "kv_role": "kv_both" (default) | "kv_producer" | "kv_consumer",
+       "kv_events": bool  (vLLM publishes KV events over ZMQ, a subscriber here
+                           keeps each phase's: OUT's "events"),
        "env": {name: value, ...}  (set while this run's engine starts and runs:
                                    KVRT_DEBUG, ...; the workers inherit it),
        "phases": [PHASE, ...]}
 PHASE: {"prompts": [[token ids]...], "max_tokens": n,
         "reset_local": bool   (reset vLLM's prefix cache first, right after
                                the last phase's outputs),
+        "reset_kvrt": bool    (reset vLLM's prefix cache and kvrt's cache
+                               first: reset_prefix_cache(reset_connector)),
         "sequential": bool    (one generate() per prompt: one request at a time),
         "salt": str           (every prompt's cache_salt: a tenant),
         "before": [[argv]...] (commands run before the phase: faults, e.g.
@@ -22,6 +26,9 @@ PHASE: {"prompts": [[token ids]...], "max_tokens": n,
 OUT:  {"runs": [{"phases": [[[generated ids] per prompt] per phase],
                  "metrics": [{name: value} after each phase],
                  "resets": [bool per reset_local],
+                 "events": [[event dicts: "type", "block_hashes",
+                             "parent_block_hash", "token_ids", "block_size",
+                             "medium", "locality"] per phase] (kv_events),
                  "end": {"pins": kvrt's pins once loads in flight ended
                                  (runs with kvrt),
                          "used_blocks": n (in-process engines only)}}, ...]}
@@ -71,6 +78,75 @@ def settled_pins(llm, SamplingParams) -> float:
     return metrics(llm).get("vllm:kvrt_pins", 0)
 
 
+class Subscriber:
+    """vLLM's KV events, as a router receives them: a ZMQ SUB socket on the
+    publisher's ipc endpoint, decoded with vLLM's own KVEventBatch."""
+
+    def __init__(self, endpoint: str):
+        import threading
+        import msgspec
+        import zmq
+        from vllm.distributed.kv_events import KVEventBatch
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(endpoint)
+        self.dec = msgspec.msgpack.Decoder(type=KVEventBatch)
+        self.got: list = []
+        self.lock = threading.Lock()
+        self.stop = False
+        self.t = threading.Thread(target=self.loop, daemon=True)
+        self.t.start()
+
+    def loop(self):
+        import zmq
+        while not self.stop:
+            if not self.sock.poll(100):
+                continue
+            parts = self.sock.recv_multipart()
+            batch = self.dec.decode(parts[-1])
+            with self.lock:
+                self.got += [event_dict(e) for e in batch.events]
+
+    def take(self) -> list:
+        with self.lock:
+            out, self.got = self.got, []
+        return out
+
+    def close(self):
+        self.stop = True
+        self.t.join()
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def event_dict(e) -> dict:
+    d = {"type": type(e).__name__}
+    for f in ("block_hashes", "parent_block_hash", "token_ids", "block_size", "medium",
+              "locality"):
+        if hasattr(e, f):
+            v = getattr(e, f)
+            d[f] = list(v) if isinstance(v, (list, tuple)) else v
+    return d
+
+
+def phase_events(llm, sub, SamplingParams) -> list:
+    """The phase's events, with those of saves still finishing: one-token
+    requests that store nothing make steps (a worker's events reach the
+    publisher with a step) until a second passes with none."""
+    sp = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
+    got, quiet = [], 0
+    for i in range(40):
+        time.sleep(0.25)
+        new = sub.take()
+        got += new
+        quiet = 0 if new else quiet + 1
+        if quiet >= 4:
+            break
+        llm.generate([{"prompt_token_ids": [7 + i % 50] * 3}], sp, use_tqdm=False)
+    return got
+
+
 def run_aborts(llm, ph, sp) -> list:
     eng = llm.llm_engine
     ids = [f"abort-{os.getpid()}-{i}-{id(ph)}" for i in range(len(ph["prompts"]))]
@@ -113,11 +189,25 @@ def run_engine(spec, LLM, SamplingParams) -> dict:
             kv_connector="KvrtConnectorV1", kv_connector_module_path="kvrt.vllm",
             kv_role=spec.get("kv_role", "kv_both"), kv_load_failure_policy="recompute",
             kv_connector_extra_config=dict(spec["kvrt"]))
+    sub = None
+    if spec.get("kv_events"):
+        import tempfile
+        from vllm.config import KVEventsConfig
+        ep = "ipc://" + os.path.join(tempfile.mkdtemp(prefix="kvrt-events-"), "pub")
+        kw["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                endpoint=ep, topic="kv")
     llm = LLM(**kw)
     out: dict = {"phases": [], "metrics": []}
+    if spec.get("kv_events"):
+        sub = Subscriber(kw["kv_events_config"].endpoint)
+        time.sleep(0.5)  # connected before the first event (ZMQ drops earlier ones)
+        out["events"] = []
     for ph in spec["phases"]:
         for argv in ph.get("before", ()):
             subprocess.run(argv, check=True)
+        if ph.get("reset_kvrt"):
+            out.setdefault("resets", []).append(
+                bool(llm.reset_prefix_cache(reset_connector=True)))
         if ph.get("reset_local"):
             # vLLM's own prefix cache only, right after the last phase's
             # outputs (no engine step in between): kvrt frees a finished
@@ -136,7 +226,11 @@ def run_engine(spec, LLM, SamplingParams) -> dict:
                                    use_tqdm=False)
                 got += [list(r.outputs[0].token_ids) for r in res]
             out["phases"].append(got)
+        if sub is not None:
+            out["events"].append(phase_events(llm, sub, SamplingParams))
         out["metrics"].append(metrics(llm))
+    if sub is not None:
+        sub.close()
     out["end"] = {}
     if spec.get("kvrt") is not None:
         out["end"]["pins"] = settled_pins(llm, SamplingParams)

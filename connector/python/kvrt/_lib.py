@@ -28,6 +28,7 @@ class Options(C.Structure):
 
 
 OPT_WORKERS_ELSEWHERE = 1  # kvrt.h: KVRT_OPT_WORKERS_ELSEWHERE
+OPT_KV_EVENTS = 2  # kvrt.h: KVRT_OPT_KV_EVENTS
 
 
 class Bytes(C.Structure):
@@ -58,6 +59,12 @@ STAT_FIELDS = ["lookups", "lookup_tokens", "prefetches", "steps", "load_reqs", "
 
 class Stats(C.Structure):
     _fields_ = [(n, C.c_uint64) for n in STAT_FIELDS] + [("reserved", C.c_uint64 * 8)]
+
+
+class KvEvent(C.Structure):
+    """struct kvrt_kv_event: a chunk stored in / removed from a tier."""
+    _fields_ = [("key_lo", C.c_uint64), ("key_hi", C.c_uint64), ("kind", C.c_uint8),
+                ("medium", C.c_uint8), ("pad", C.c_uint8 * 6)]
 
 
 class SchedReq(C.Structure):
@@ -102,6 +109,7 @@ def _declare(lib):
         "kvrt_worker_load_errors": (sz, [P, C.POINTER(C.c_int64), sz]),
         "kvrt_worker_stats": (i32, [P, C.POINTER(Stats)]),
         "kvrt_worker_flush": (i32, [P]),
+        "kvrt_worker_kv_events": (sz, [P, C.POINTER(KvEvent), sz, C.POINTER(C.c_uint64)]),
         "kvrt_worker_destroy": (None, [P]),
         "kvrt_sched_create": (i32, [C.POINTER(P), C.POINTER(Options), C.c_char_p, sz]),
         "kvrt_sched_destroy": (None, [P]),
@@ -114,6 +122,8 @@ def _declare(lib):
         "kvrt_sched_finished": (i32, [P, C.c_char_p, u32, C.POINTER(C.c_bool)]),
         "kvrt_sched_sees_worker": (C.c_bool, [P]),
         "kvrt_sched_config_get": (i32, [P, C.c_char_p, C.c_char_p, sz]),
+        "kvrt_sched_chunk_keys": (u32, [P, C.POINTER(Request), C.c_bool,
+                                        C.POINTER(C.c_uint64), u32]),
         "kvrt_debug_corrupt_chunk": (i32, [P, C.POINTER(Request), u32]),
     }
     for name, (res, args) in sig.items():

@@ -28,6 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from . import _lib
+from . import events as _events
 from . import stats as _stats
 
 log = logging.getLogger("kvrt")
@@ -218,11 +219,16 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         # go over the workers' lookup sockets.
         backend = getattr(pc, "distributed_executor_backend", None)
         flags = 0 if backend in ("uni", "external_launcher") else _lib.OPT_WORKERS_ELSEWHERE
+        # KV events (routers): only when vLLM publishes them.
+        kv_events = _events.enabled(vllm_config)
+        if kv_events:
+            flags |= _lib.OPT_KV_EVENTS
         opts, self._keep = _lib.options(self._instance, model, dtype, self._block_size, extra,
                                         tp_rank, tp_size, pp_rank, pp_size, flags)
         err = C.create_string_buffer(1024)
         h = C.c_void_p()
         self._sched = self._worker = None
+        self._tier_events = self._worker_events = None
         # A model no cache can serve: kvrt stays out of every step (the
         # scheduler says why, once).
         self._off = _no_prefix_continuation(vllm_config)
@@ -233,6 +239,14 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             if rc:
                 raise ValueError(f"kvrt: {_lib.errmsg(err)} ({rc})")
             self._sched = h
+            if kv_events and not self._off:
+                cs = int(self.config_get("chunk_size") or 256)
+                hbs = getattr(kv_cache_config, "hash_block_size", None) or self._block_size
+                self._tier_events = _events.TierEvents(lib, h, cs, hbs, tp_size * pp_size)
+                if not self._tier_events.ok:
+                    log.warning("kvrt: chunk_size %d is not a multiple of vLLM's block size %d: "
+                                "kvrt publishes no KV events", cs, hbs)
+                    self._tier_events = None
             self._reqs: dict[str, Any] = {}
             self._unsaved: set[str] = set()  # requests whose prompt may still save
             self._creqs: dict[str, _Req] = {}  # their prompts as C requests
@@ -264,6 +278,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             if rc:
                 raise ValueError(f"kvrt: {_lib.errmsg(err)} ({rc})")
             self._worker = h
+            if kv_events and not self._off:
+                self._worker_events = _events.WorkerEvents(lib, h, pp_rank * tp_size + tp_rank)
             self._layers: dict[str, int] = {}
             self._failed: set[str] = set()
             self._fin_buf = C.create_string_buffer(1 << 16)
@@ -345,6 +361,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         if not self._load:  # kv_producer
             return 0, False
         r = self._creq(request)
+        if self._tier_events is not None:
+            self._tier_events.record_once(request, r)
         n, is_async = C.c_uint32(), C.c_bool()
         rc = self._lib.kvrt_sched_lookup(self._sched, C.byref(r.c), num_computed_tokens,
                                          C.byref(n), C.byref(is_async))
@@ -412,6 +430,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
                 continue
             r = (self._creq(req) if need <= req.num_prompt_tokens
                  else _Req(req, req.all_token_ids[:need]))
+            if self._tier_events is not None:
+                self._tier_events.record(req, r, need)
             bids = _i32(self._kv_cache_manager.get_block_ids(rid)[0])
             keep.append((r, bids))
             reqs.append(_lib.SchedReq(r.c, done, bids, len(bids)))
@@ -436,6 +456,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         self._reqs.pop(request.request_id, None)
         self._creqs.pop(request.request_id, None)
         self._unsaved.discard(request.request_id)
+        if self._tier_events is not None:
+            self._tier_events.finished(request.request_id)
         rb = request.request_id.encode()
         delay = C.c_bool()
         self._lib.kvrt_sched_finished(self._sched, rb, len(rb), C.byref(delay))
@@ -448,6 +470,10 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         # and failed_recving, then _update_from_kv_xfer_finished calls us).
         # kvrt then saves the recomputed chunks again (the worker dropped
         # the chunk that failed). Rare: nothing to do on other steps.
+        if self._tier_events is not None:
+            ev = getattr(connector_output, "kv_cache_events", None)
+            if ev is not None:
+                self._tier_events.add(ev)
         if not (getattr(connector_output, "invalid_block_ids", None)
                 or getattr(connector_output, "failed_recving", None)):
             return None
@@ -462,7 +488,11 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         return False  # kvrt pushes nothing to other engines
 
     def take_events(self):
-        return ()
+        """kvrt's tiers as vLLM KV events (BlockStored / BlockRemoved with
+        vLLM's block hashes), published with vLLM's own each step."""
+        if self._tier_events is None:
+            return ()
+        return self._tier_events.take()
 
     def reset_cache(self):
         """Drop kvrt's cached chunks that no request uses (prefix cache reset).
@@ -604,6 +634,13 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             if hasattr(res, "failed_recving"):
                 res.failed_recving = failed
             return res
+
+    def get_kv_connector_kv_cache_events(self):
+        """This worker's tier events since the last step (None: none, or
+        vLLM publishes no KV events)."""
+        if self._worker_events is None:
+            return None
+        return self._worker_events.take()
 
     def get_block_ids_with_load_errors(self):
         out = set()
