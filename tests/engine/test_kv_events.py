@@ -10,9 +10,22 @@ token ids and block size. Other documents push some of them out of the
 CPU pool to disk: BlockRemoved CPU and BlockStored STORAGE (LOCAL) for
 those. A reset of the prefix cache with kvrt's: BlockRemoved for every
 chunk left in each medium, so a router replaying the stream ends empty
-(and never saw a chunk stored twice or removed unstored)."""
+(and never saw a chunk stored twice or removed unstored).
 
-from conftest import (BLOCK, CHUNK, DOCS, DOCS_B, INPROC, KVRT, LLM_FP32, run, same_tokens)
+TP = 2: one announcement per chunk once both ranks hold it. The example
+router (perf/kv_router.py) on two real OpenAI servers that saw different
+documents sends each prompt to the server that holds it, from vLLM's GPU
+blocks, then (vLLM's caches reset) from kvrt's CPU tier."""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from conftest import (BLOCK, CHUNK, DOCS, DOCS_B, INPROC, KVRT, LLM_FP32, REPO, run,
+                      same_tokens, tokens)
+from server import completion, post, serve
 
 SMALL = dict(KVRT, max_local_cpu_size=0.012)  # 12 chunks of 1 MiB
 
@@ -113,3 +126,46 @@ def test_tp2_a_chunk_is_announced_once_every_rank_holds_it(model_dir):
     assert not kvrt_events(c["events"][0], "BlockStored", "CPU"), \
         "announced while rank 1 holds nothing"
     assert gpu_blocks(c["events"][0]), "vLLM's own events stopped"
+
+
+def test_router_sends_each_prompt_to_the_server_holding_it(model_dir):
+    sys.path.insert(0, os.path.join(REPO, "perf"))
+    import kv_router
+    owner = ["A", "A", "B", "B"]  # who saw which document
+    with tempfile.TemporaryDirectory(prefix="kvrt-router-") as d:
+        eps = {n: f"ipc://{d}/{n}" for n in "AB"}
+        router = kv_router.Router(eps)  # ZMQ connects once the servers bind
+        try:
+            args = {n: ["--kv-events-config", json.dumps(
+                {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": eps[n],
+                 "topic": "kv"})] for n in "AB"}
+            with serve(model_dir, args=args["A"]) as a, serve(model_dir, args=args["B"]) as b:
+                srv = {"A": a, "B": b}
+                time.sleep(1)  # subscribed before the first event
+                for i, p in enumerate(DOCS):
+                    completion(srv[owner[i]]["base"], model_dir, p)
+
+                def routed(medium, n):
+                    want = [{"instance": owner[i], "medium": medium, "tokens": n}
+                            for i in range(len(DOCS))]
+                    got = None
+                    for _ in range(60):
+                        got = [{k: router.best(p)[k] for k in ("instance", "medium", "tokens")}
+                               for p in DOCS]
+                        if got == want:
+                            return
+                        for s in srv.values():  # a step brings the last saves' events
+                            completion(s["base"], model_dir, [3, 4, 5], max_tokens=1)
+                        time.sleep(0.5)
+                    assert got == want, f"routed {got}, want {want}"
+
+                # vLLM's own blocks: the whole 640-token prompts (5 blocks)
+                routed("GPU", len(DOCS[0]) // BLOCK * BLOCK)
+                # vLLM's prefix caches reset (AllBlocksCleared): kvrt's CPU
+                # tier still holds the whole chunks
+                for s in srv.values():
+                    post(s["base"] + "/reset_prefix_cache", {}).close()
+                routed("CPU", len(DOCS[0]) // CHUNK * CHUNK)
+                assert router.best(tokens(999, 640))["instance"] is None
+        finally:
+            router.close()
