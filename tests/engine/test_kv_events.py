@@ -12,7 +12,10 @@ those. A reset of the prefix cache with kvrt's: BlockRemoved for every
 chunk left in each medium, so a router replaying the stream ends empty
 (and never saw a chunk stored twice or removed unstored).
 
-TP = 2: one announcement per chunk once both ranks hold it. The example
+Redis: every write-behind announced as STORAGE REMOTE; a fresh engine on
+the same Redis announces what its lookups find there, then what it loads
+into its CPU pool. TP = 2: one announcement per chunk once both ranks
+hold it. The example
 router (perf/kv_router.py) on two real OpenAI servers that saw different
 documents sends each prompt to the server that holds it, from vLLM's GPU
 blocks, then (vLLM's caches reset) from kvrt's CPU tier."""
@@ -106,6 +109,26 @@ def test_tier_events_carry_vllm_block_hashes(model_dir, baseline, tmp_path):
     assert not held, f"after reset: {len(held)} chunks still announced"
     assert kvrt_events(ev2, "BlockRemoved", "CPU"), "the reset removed nothing"
     assert r["resets"] == [True, True]
+
+
+def test_redis_tier_announced_and_found_by_a_fresh_engine(model_dir, baseline, redis_server):
+    """Redis (a real redis-server): the write-behinds announce every chunk
+    as STORAGE REMOTE; a fresh engine on the same Redis (its own tiers
+    empty) announces them when its lookups find them there, then in its
+    CPU pool once loaded; tokens identical."""
+    cfg = dict(KVRT, remote_url=redis_server["url"])
+    spec = {"model": model_dir, "kvrt": cfg, "llm": LLM_FP32, "kv_events": True,
+            "phases": [{"prompts": DOCS, "max_tokens": 8}]}
+    out = run({"runs": [spec, spec]}, timeout=900, **INPROC)
+    first, fresh = out["runs"]
+    gpu = gpu_blocks(first["events"][0])
+    want = sorted(tuple(hs) for p in DOCS for hs in chunk_hashes(gpu, p))
+    for r, what in ((first, "saving engine"), (fresh, "fresh engine")):
+        same_tokens(r["phases"][0], baseline["docs"], what)
+        remote = kvrt_events(r["events"][0], "BlockStored", "STORAGE", "REMOTE")
+        assert sorted(tuple(e["block_hashes"]) for e in remote) == want, what
+    cpu = kvrt_events(fresh["events"][0], "BlockStored", "CPU")
+    assert sorted(tuple(e["block_hashes"]) for e in cpu) == want, "loaded chunks not announced"
 
 
 def test_tp2_a_chunk_is_announced_once_every_rank_holds_it(model_dir):
