@@ -595,3 +595,65 @@ def test_remote_hit_asks_again_instead_of_blocking(model_dir, redis_url, prefix_
         assert pins(e2) == 0
     finally:
         e2.close()
+
+
+def test_kv_events_name_vllm_block_hashes(model_dir, tmp_path):
+    """vLLM's scheduler, its worker glue and its ZMQ publisher (a real SUB
+    socket, vLLM's KVEventBatch decoder): a saved prompt's chunks are
+    announced in medium CPU under vLLM's hashes of its blocks (the
+    request's, and with prefix caching on the ones vLLM publishes for its
+    own blocks), with their parent and tokens; a reset of kvrt's cache
+    removes them."""
+    import msgspec
+    import zmq
+    from vllm.distributed.kv_events import KVEventBatch
+    ep = f"ipc://{tmp_path}/kv"
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(ep)
+    dec = msgspec.msgpack.Decoder(type=KVEventBatch)
+
+    def events(eng):
+        got = []
+        for _ in range(20):  # a worker's events reach the publisher with a step
+            eng.step()
+            while sub.poll(200):
+                got += dec.decode(sub.recv_multipart()[-1]).events
+        return got
+
+    try:
+        with engine(model_dir, kv_events=ep) as eng:
+            import time
+            time.sleep(0.3)  # the publisher bound and the SUB connected
+            from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as conv
+            P = H.prompt(1)  # 40 tokens: two chunks of 16
+            req = eng.add("A", P)
+            eng.run()
+            eng.wc.flush()
+            ev = events(eng)
+            hashes = [conv(h) for h in req.block_hashes[:2]]  # vLLM's, of P's blocks
+            gpu = {}
+            for e in ev:
+                if type(e).__name__ == "BlockStored" and e.medium == "GPU":
+                    parent = e.parent_block_hash
+                    for j, h in enumerate(e.block_hashes):
+                        gpu[h] = (parent, e.token_ids[j * 16:(j + 1) * 16])
+                        parent = h
+            cpu = [e for e in ev if type(e).__name__ == "BlockStored" and e.medium == "CPU"]
+            assert len(cpu) == 2, [type(e).__name__ + "/" + str(e.medium) for e in ev]
+            for i, e in enumerate(cpu):
+                assert e.block_hashes == [hashes[i]] and e.block_size == 16
+                assert e.token_ids == list(P[16 * i:16 * (i + 1)])
+                assert e.parent_block_hash == (hashes[i - 1] if i else None)
+                if PREFIX_CACHING[0]:  # vLLM published its own blocks alike
+                    assert gpu[hashes[i]] == (e.parent_block_hash, e.token_ids)
+            assert eng.sc.reset_cache() is True
+            gone = [e for e in events(eng)
+                    if type(e).__name__ == "BlockRemoved" and e.medium == "CPU"]
+            assert sorted(h for e in gone for h in e.block_hashes) == \
+                sorted(h for e in cpu for h in e.block_hashes)
+            drain(eng)
+    finally:
+        sub.close(0)
+        ctx.term()

@@ -50,7 +50,8 @@ def make_model_dir() -> str:
 
 def make_vllm_config(model_dir, *, policy="recompute", prefix_caching=False,
                      max_batched=64, layout="LBNHC", kv_role="kv_both",
-                     extra=None, max_seqs=16):
+                     extra=None, max_seqs=16, kv_events=None):
+    """kv_events: an endpoint (ipc://...) where vLLM publishes KV events."""
     from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig,
                              ModelConfig, SchedulerConfig, VllmConfig)
     model_config = ModelConfig(model=model_dir, tokenizer=model_dir,
@@ -67,9 +68,14 @@ def make_vllm_config(model_dir, *, policy="recompute", prefix_caching=False,
                            kv_connector_extra_config=dict(extra or EXTRA),
                            kv_role=kv_role, kv_load_failure_policy=policy,
                            kv_buffer_device="cpu")
+    events = {}
+    if kv_events:
+        from vllm.config import KVEventsConfig
+        events["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True,
+                                                    publisher="zmq", endpoint=kv_events)
     return VllmConfig(model_config=model_config, scheduler_config=sched,
                       cache_config=cache, kv_transfer_config=kvt,
-                      device_config=DeviceConfig("cpu"))
+                      device_config=DeviceConfig("cpu"), **events)
 
 
 def make_kv_cache_config(vllm_config, num_blocks):
