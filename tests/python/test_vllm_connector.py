@@ -657,3 +657,25 @@ def test_kv_events_name_vllm_block_hashes(model_dir, tmp_path):
     finally:
         sub.close(0)
         ctx.term()
+
+
+def test_kv_events_failure_turns_them_off_not_vllm(model_dir, tmp_path, caplog):
+    """A KV-events failure (here: vLLM's request without block hashes)
+    never reaches vLLM's scheduler: logged once, events off, the request
+    served and hit as before."""
+    with engine(model_dir, kv_events=f"ipc://{tmp_path}/kv") as eng:
+        te = eng.sc._tier_events
+        assert te is not None
+
+        def broken(*a):
+            raise AttributeError("'Request' object has no attribute 'block_hashes'")
+
+        te.record_once = te.record = broken
+        P = H.prompt(2)
+        save(eng, "A", P)
+        assert eng.sc._tier_events is None and list(eng.sc.take_events()) == []
+        assert sum("KV events failed" in r.message for r in caplog.records) == 1
+        eng.add("B", P)
+        so, sched = eng.step()
+        assert sched == {"B": 8}  # still a hit: 32 loaded
+        drain(eng)

@@ -362,7 +362,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             return 0, False
         r = self._creq(request)
         if self._tier_events is not None:
-            self._tier_events.record_once(request, r)
+            self._events_guard(self._tier_events.record_once, request, r)
         n, is_async = C.c_uint32(), C.c_bool()
         rc = self._lib.kvrt_sched_lookup(self._sched, C.byref(r.c), num_computed_tokens,
                                          C.byref(n), C.byref(is_async))
@@ -431,7 +431,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
             r = (self._creq(req) if need <= req.num_prompt_tokens
                  else _Req(req, req.all_token_ids[:need]))
             if self._tier_events is not None:
-                self._tier_events.record(req, r, need)
+                self._events_guard(self._tier_events.record, req, r, need)
             bids = _i32(self._kv_cache_manager.get_block_ids(rid)[0])
             keep.append((r, bids))
             reqs.append(_lib.SchedReq(r.c, done, bids, len(bids)))
@@ -473,7 +473,7 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         if self._tier_events is not None:
             ev = getattr(connector_output, "kv_cache_events", None)
             if ev is not None:
-                self._tier_events.add(ev)
+                self._events_guard(self._tier_events.add, ev)
         if not (getattr(connector_output, "invalid_block_ids", None)
                 or getattr(connector_output, "failed_recving", None)):
             return None
@@ -492,7 +492,18 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         vLLM's block hashes), published with vLLM's own each step."""
         if self._tier_events is None:
             return ()
-        return self._tier_events.take()
+        return self._events_guard(self._tier_events.take) or ()
+
+    def _events_guard(self, fn, *args):
+        """KV events are a bonus to serving: a failure (a vLLM whose request
+        or event classes differ) turns them off, logged once, and never
+        reaches vLLM's scheduler."""
+        try:
+            return fn(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("kvrt: KV events failed; kvrt publishes none from now on")
+            self._tier_events = None
+            return None
 
     def reset_cache(self):
         """Drop kvrt's cached chunks that no request uses (prefix cache reset).
