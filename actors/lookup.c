@@ -23,7 +23,10 @@
  * most (5 ms by default, never more than remote_timeout_ms) from the
  * ask; after that the request gets its local answer. An answer is reused by
  * the request's later lookups for a second (vLLM asks about a waiting
- * request every pass) rather than asking Redis again. An answer that comes
+ * request every pass) rather than asking Redis again; but a short answer
+ * (Redis lacked later chunks) that a lookup already took is asked again
+ * 50 ms on, if the request is still looked up (a P/D consumer waiting for
+ * its producer's writes to land). An answer that comes
  * late still indexes the chunks for later lookups. A dead server answers
  * at once (-ENOTCONN): a miss. (kvrt <= 0.1 waited in the lookup
  * itself: a scheduler admitting 64 new requests could block 64 round
@@ -66,12 +69,18 @@ struct _rpend {
 	uint32_t n;                     /* keys asked */
 	uint64_t t0;                    /* when asked */
 	uint64_t t_end;                 /* when seen answered or given up on (0: not yet) */
+	uint64_t t_used;                /* when a lookup first took a short answer (0: not yet) */
 	bool gave_up;                   /* answered locally: it came too late */
 	bool orphan;                    /* freed once c is signalled */
 	struct kvrt_completion c;       /* value[0]: leading keys Redis holds */
 };
 
 #define _RP_TTL_NS 1000000000ull /* an answer is reused this long after it came */
+/* A short answer (Redis lacked the prompt's later chunks) that a lookup
+ * already took is asked again when the request is still looked up this
+ * long after: a scheduler waiting for another instance's writes (a P/D
+ * consumer) sees them land. */
+#define _RP_REASK_NS 50000000ull
 #define _RP_MAX 4096u            /* asks kept; beyond: local answers */
 
 struct kvrt_lookup {
@@ -212,9 +221,21 @@ static int remote_find(struct kvrt_lookup *l, struct _lookup_args *a, size_t fou
 		bool same = r->at < total && kvrt_chunk_key_eq(r->first, l->keys[r->at]);
 		bool done = kvrt_completion_done(&r->c);
 		uint64_t held = done && !r->c.status ? r->c.value[0] : 0;
-		if (same && done && found == r->at + (held < r->n ? held : r->n) && found > r->at)
+		if (same && done && held < r->n && found == r->at + held) {
+			/* Redis's answer ended here. Taken long enough ago: ask
+			 * again (the chunks may have landed since). */
+			uint64_t now = kvrt_now_ns();
+			if (!r->t_used) {
+				r->t_used = now;
+			} else if (now - r->t_used >= _RP_REASK_NS) {
+				r->orphan = true;
+				r = NULL;
+				same = false;
+			}
+		}
+		if (r && same && done && found == r->at + (held < r->n ? held : r->n) && found > r->at)
 			return 0; /* Redis's answer ended here: nothing more */
-		if (!same || found != r->at) {
+		if (r && (!same || found != r->at)) {
 			r->orphan = true;
 			r = NULL;
 		}

@@ -159,6 +159,12 @@ for bin in $progs; do
 	echo "== $v engines: write, then read in another process"
 	timeout 30 "$eng" write "$url" 7 || bad "$v engine write"
 	timeout 30 "$eng" read "$url" 7 hit || bad "$v engine read"
+	echo "== $v engines: the reader first, the writer a second later"
+	timeout 30 "$eng" read "$url" 9 late &
+	late=$!
+	sleep 1
+	timeout 30 "$eng" write "$url" 9 full || bad "$v engine write (seed 9, full chunks)"
+	wait "$late" || bad "$v engine read before the write"
 	echo "== $v engines: lookups while Redis sleeps (never wait on it)"
 	timeout 30 "$eng" slow "$url" 7 || bad "$v engine lookups while Redis sleeps"
 	echo "== $v engines: Redis holds the first two chunks only"

@@ -16,7 +16,13 @@
  *       may hang (the lookup answers within 250 ms)
  *   remote_engine read URL SEED partial   Redis holds chunks 0 and 1 only:
  *       32 tokens found and loaded; the lookup asked again reuses Redis's
- *       answer (one EXISTS round trip in all)
+ *       answer (one EXISTS round trip), but 50 ms on asks Redis again
+ *   remote_engine write URL SEED full   the same, the full chunks only (as
+ *       vLLM's prefill saves a prompt: no partial tail)
+ *   remote_engine read URL SEED late   the reader starts before the writer
+ *       (a P/D consumer before its producer, which writes the full chunks):
+ *       looked up again while Redis holds less than them (a lookup 50 ms
+ *       after a short answer asks Redis again), it finds and loads them
  *   remote_engine slow URL SEED    the reader's case while Redis sleeps
  *       (DEBUG SLEEP from another connection): the lookups answer "ask
  *       again" (-EINPROGRESS) at once, never waiting on Redis, then the
@@ -213,7 +219,7 @@ static void sleep_ms(unsigned ms)
 	nanosleep(&ts, NULL);
 }
 
-static int do_write(const char *url, uint64_t seed)
+static int do_write(const char *url, uint64_t seed, bool full_only)
 {
 	struct rig g;
 	int rc = rig_up(&g, url, seed, true);
@@ -229,22 +235,23 @@ static int do_write(const char *url, uint64_t seed)
 					pattern(seed, t, l, kv, h, kt_at(&g.m, l, kv, slot_of(&g, t), h), hb);
 	struct kvrt_plan_req r = plan_of(&g);
 	r.save_start = 0;
-	r.save_end = T;
+	r.save_end = full_only ? NFULL * CS : T;
+	uint32_t nsaved = full_only ? NFULL : NCHUNKS;
 	CHECK(step(&g, &r) == 0, "save step");
 	CHECK(kvrt_engine_flush(g.e) == 0, "flush");
 	struct kvrt_engine_stats st;
 	uint64_t t0 = ms_now();
 	do {
 		kvrt_engine_stats(g.e, &st);
-		if (st.remote_writes + st.remote_dropped >= NCHUNKS)
+		if (st.remote_writes + st.remote_dropped >= nsaved)
 			break;
 		sleep_ms(2);
 	} while (ms_now() - t0 < 10000);
 	printf("write %s: saved %" PRIu64 " chunks, remote writes %" PRIu64 ", dropped %" PRIu64 "\n", url,
 	       st.save_chunks, st.remote_writes, st.remote_dropped);
-	CHECK(st.save_chunks == NCHUNKS, "%" PRIu64 " chunks saved, want %u", st.save_chunks, NCHUNKS);
-	CHECK(st.remote_writes == NCHUNKS, "%" PRIu64 " chunks written to Redis, want %u", st.remote_writes,
-	      NCHUNKS);
+	CHECK(st.save_chunks == nsaved, "%" PRIu64 " chunks saved, want %u", st.save_chunks, nsaved);
+	CHECK(st.remote_writes == nsaved, "%" PRIu64 " chunks written to Redis, want %u", st.remote_writes,
+	      nsaved);
 	CHECK(st.remote_dropped == 0, "%" PRIu64 " write-behinds dropped", st.remote_dropped);
 	rig_down(&g);
 	return _fails ? 1 : 0;
@@ -252,7 +259,7 @@ static int do_write(const char *url, uint64_t seed)
 
 /* safe: a miss or load errors are fine, wrong bytes never are. partial:
  * Redis holds chunks 0 and 1 only (the test deleted chunk 2). */
-static int do_read(const char *url, uint64_t seed, bool safe, bool partial)
+static int do_read(const char *url, uint64_t seed, bool safe, bool partial, bool late)
 {
 	struct rig g;
 	int rc = rig_up(&g, url, seed, false);
@@ -270,13 +277,29 @@ static int do_read(const char *url, uint64_t seed, bool safe, bool partial)
 	uint64_t t0 = ms_now(), slowest;
 	uint32_t asks;
 	rc = lookup_passes(&g, &res, 1000, &asks, &slowest);
+	/* late: the writer starts after us (a P/D consumer before its
+	 * producer): looked up again while the answer is short, for 10 s. */
+	uint32_t late_asks = 0;
+	while (late && (rc == -EINPROGRESS || (rc == 0 && res.tokens < NFULL * CS)) &&
+	       ms_now() - t0 < 10000) {
+		uint32_t a;
+		uint64_t sl;
+		sleep_ms(1);
+		rc = lookup_passes(&g, &res, 1000, &a, &sl);
+		late_asks += a;
+	}
 	uint64_t lookup_ms = ms_now() - t0;
 	CHECK(rc == 0, "lookup: %d", rc);
-	CHECK(lookup_ms < 250, "lookup answered after %" PRIu64 " ms", lookup_ms);
+	if (late)
+		printf("late: found %u tokens after %" PRIu64 " ms, %u lookups\n", res.tokens, lookup_ms,
+		       late_asks);
+	else
+		CHECK(lookup_ms < 250, "lookup answered after %" PRIu64 " ms", lookup_ms);
 	CHECK(asks >= 2, "a local miss with a remote tier answered without asking Redis first");
 	printf("read %s: lookup %u tokens (%u now) after %" PRIu64 " ms, %u asks, slowest %" PRIu64 " us\n",
 	       url, res.tokens, res.tokens_now, lookup_ms, asks, slowest);
-	uint32_t want_tok = partial ? 2 * CS : T, want_chunks = partial ? 2 : NCHUNKS;
+	uint32_t want_tok = partial ? 2 * CS : late ? NFULL * CS : T;
+	uint32_t want_chunks = partial ? 2 : late ? NFULL : NCHUNKS;
 	if (!safe) {
 		CHECK(res.tokens == want_tok, "lookup found %u tokens of %u", res.tokens, want_tok);
 		CHECK(res.tokens_now == 0, "%u tokens reported in the CPU tier of an empty cache",
@@ -288,6 +311,13 @@ static int do_read(const char *url, uint64_t seed, bool safe, bool partial)
 		rc = lookup_passes(&g, &again, 1000, &asks, &slowest);
 		CHECK(rc == 0 && asks == 1 && again.tokens == want_tok,
 		      "asked again: %d after %u asks, %u tokens", rc, asks, again.tokens);
+		/* Still looked up 50 ms after it took the short answer (a P/D
+		 * consumer waiting for its producer's writes): Redis is asked
+		 * again ("ask again" first), and answers the same. */
+		sleep_ms(60);
+		rc = lookup_passes(&g, &again, 1000, &asks, &slowest);
+		CHECK(rc == 0 && asks >= 2 && again.tokens == want_tok,
+		      "50 ms on: %d after %u asks, %u tokens", rc, asks, again.tokens);
 	}
 	uint32_t loaded = 0; /* tokens claimed loaded */
 	int64_t errs[64];
@@ -332,7 +362,8 @@ static int do_read(const char *url, uint64_t seed, bool safe, bool partial)
 		CHECK(st.remote_hits == want_chunks, "%" PRIu64 " chunks read from Redis, want %u",
 		      st.remote_hits, want_chunks);
 	if (partial)
-		CHECK(st.remote_finds == 1, "%" PRIu64 " asks of Redis, want 1", st.remote_finds);
+		CHECK(st.remote_finds == 2, "%" PRIu64 " asks of Redis, want 2 (one 50 ms on)",
+		      st.remote_finds);
 	/* Expected image: the poison, with every loaded token not in an error
 	 * block holding the writer's KV. Error blocks are vLLM's to recompute:
 	 * whatever they hold is not claimed, so copy them as they are. */
@@ -459,15 +490,15 @@ static int do_key(uint64_t seed, uint32_t idx)
 int main(int argc, char **argv)
 {
 	if (argc >= 4 && !strcmp(argv[1], "write"))
-		return do_write(argv[2], strtoull(argv[3], NULL, 0));
+		return do_write(argv[2], strtoull(argv[3], NULL, 0), argc >= 5 && !strcmp(argv[4], "full"));
 	if (argc >= 5 && !strcmp(argv[1], "read"))
 		return do_read(argv[2], strtoull(argv[3], NULL, 0), !strcmp(argv[4], "safe"),
-			       !strcmp(argv[4], "partial"));
+			       !strcmp(argv[4], "partial"), !strcmp(argv[4], "late"));
 	if (argc >= 4 && !strcmp(argv[1], "slow"))
 		return do_slow(argv[2], strtoull(argv[3], NULL, 0));
 	if (argc >= 5 && !strcmp(argv[1], "key"))
 		return do_key(strtoull(argv[3], NULL, 0), (uint32_t)strtoul(argv[4], NULL, 0));
-	fprintf(stderr, "usage: remote_engine write URL SEED | read URL SEED hit|safe|partial | slow URL SEED | "
+	fprintf(stderr, "usage: remote_engine write URL SEED [full] | read URL SEED hit|safe|partial|late | slow URL SEED | "
 			"key URL SEED I\n");
 	return 2;
 }
