@@ -81,6 +81,11 @@ KVRT_API const struct kvrt_config_key kvrt_config_keys[KVRT_CONFIG_NUM_KEYS] = {
 	 "how long a request that misses locally is asked about again (not scheduled) while Redis "
 	 "says which chunks it holds (never more than lookup_timeout_ms)",
 	 NULL},
+	{"consumer_wait_ms", KVRT_CONFIG_INT, "3000", "an integer in [0, 600000]; 0 = never wait",
+	 "kv_consumer only: how long a request whose prompt's chunks are not all in the shared "
+	 "tier yet is asked about again (not scheduled) while its producer's writes land; then "
+	 "what is missing is recomputed",
+	 NULL},
 };
 
 static const struct _key_rule rules[KVRT_CONFIG_NUM_KEYS] = {
@@ -106,6 +111,7 @@ static const struct _key_rule rules[KVRT_CONFIG_NUM_KEYS] = {
 	{OFF(trace), 0, 0, false, false},
 	{OFF(prefetch_wait_ms), 0, 600000, false, false},
 	{OFF(remote_lookup_wait_ms), 1, 3600000, false, false},
+	{OFF(consumer_wait_ms), 0, 600000, false, false},
 };
 
 _Static_assert(KVRT_ARRAY_LEN(rules) == KVRT_CONFIG_NUM_KEYS, "one rule per key");

@@ -40,6 +40,11 @@
  *                                           (asked again each pass, nothing blocks) for
  *                                           Redis to say what it holds (at most
  *                                           lookup_timeout_ms)
+ *   consumer_wait_ms      3000     -        kv_consumer only: how long a request whose
+ *                                           prompt's chunks are not all in the shared
+ *                                           tier yet is asked about again (not
+ *                                           scheduled) while its producer's writes
+ *                                           land; then what is missing is recomputed
  *
  * Names. A key may be written bare ("chunk_size"), or prefixed "kvrt." or
  * "lmcache." (as LMCache's kv_connector_extra_config spells them); the
@@ -97,7 +102,7 @@
 #define KVRT_CONFIG_STR_MAX 1024
 
 /* Number of keys in kvrt_config_keys[] (and in the source[] array). */
-#define KVRT_CONFIG_NUM_KEYS 22
+#define KVRT_CONFIG_NUM_KEYS 23
 
 /* The copy engine to use. */
 enum kvrt_config_device {
@@ -139,6 +144,7 @@ struct kvrt_config {
 	char trace[KVRT_CONFIG_STR_MAX]; /* trace output path; "" = off */
 	uint32_t prefetch_wait_ms;    /* sync loads: wait for disk/Redis chunks; 1000 */
 	uint32_t remote_lookup_wait_ms; /* wait for Redis' EXISTS answer; 5 */
+	uint32_t consumer_wait_ms;    /* kv_consumer: wait for a producer's chunks; 3000 */
 	/* Bookkeeping. */
 	uint8_t source[KVRT_CONFIG_NUM_KEYS]; /* enum kvrt_config_source per key */
 };

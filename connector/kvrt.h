@@ -122,6 +122,10 @@ enum {
 	/* vLLM publishes KV cache events (kv_events_config): the worker keeps
 	 * its tier events for kvrt_worker_kv_events. Off: none kept, no cost. */
 	KVRT_OPT_KV_EVENTS = 1u << 1,
+	/* vLLM's kv_role is kv_consumer: a lookup short of the prompt's whole
+	 * chunks asks again for consumer_wait_ms (the producer's writes may
+	 * not have landed yet). */
+	KVRT_OPT_CONSUMER = 1u << 2,
 };
 
 /* A chunk became loadable from a tier of this worker, or stopped being

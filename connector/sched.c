@@ -47,6 +47,9 @@ struct _kvrt_sreq_state {
 	bool looked_up;
 	uint64_t wait_t0;       /* first "ask again" for chunks coming from disk or
 				 * Redis (sync loads, prefetch_wait_ms); 0 = none */
+	uint64_t cwait_t0;      /* first "ask again" of a consumer for chunks its
+				 * producer has not written yet; 0 = none */
+	uint64_t cwait_last;    /* its last lookup of the workers while waiting */
 	bool async;             /* the last lookup answered async */
 	uint32_t saved_chunks;  /* chunks [0, saved_chunks) saved or loaded */
 	bool tail_saved;        /* the prompt's tail chunk was saved */
@@ -64,6 +67,7 @@ struct _kvrt_sreq_state {
 };
 
 #define _SCHED_BUCKETS 1024u
+#define _CWAIT_PERIOD_NS 20000000ull /* a waiting consumer's lookups, apart */
 
 struct kvrt_sched {
 	pthread_mutex_t mu;            /* serializes every call */
@@ -332,6 +336,18 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 	struct _kvrt_sreq_state *q = sget(s, r->id, r->id_len);
 	if (!q)
 		goto out;
+	/* A waiting consumer asks its workers every 20 ms, not on every pass
+	 * of vLLM's scheduler (which spins while requests wait): the lookups,
+	 * and Redis, are spared, and the cores go to the forward. */
+	if (q->cwait_t0) {
+		uint64_t now = kvrt_now_ns();
+		if (now - q->cwait_t0 < (uint64_t)s->cfg.consumer_wait_ms * 1000000u &&
+		    now - q->cwait_last < _CWAIT_PERIOD_NS) {
+			ret = -EINPROGRESS;
+			goto out;
+		}
+		q->cwait_last = now;
+	}
 	q->ns = sched_req_ns(s, r);
 	q->hit = 0;
 	q->async = false;
@@ -358,6 +374,22 @@ int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32
 	}
 	if (rc)
 		goto out;
+	/* A P/D consumer: its producer may still be writing the prompt's
+	 * chunks to the shared tier. Short of the prompt's whole chunks, the
+	 * request is asked about again (each lookup asks Redis again, 50 ms
+	 * apart) for consumer_wait_ms from its first lookup; then what is
+	 * missing is recomputed. */
+	uint32_t whole = n / s->cs * s->cs;
+	if ((s->o.flags & KVRT_OPT_CONSUMER) && s->cfg.consumer_wait_ms && res.tokens < whole &&
+	    num_computed < whole) {
+		uint64_t now = kvrt_now_ns();
+		if (!q->cwait_t0)
+			q->cwait_t0 = q->cwait_last = now;
+		if (now - q->cwait_t0 < (uint64_t)s->cfg.consumer_wait_ms * 1000000u) {
+			ret = -EINPROGRESS;
+			goto out;
+		}
+	}
 	bool async = s->cfg.enable_async_loading;
 	uint32_t hit = async ? res.tokens : res.tokens_now;
 	/* Synchronous loads read the CPU tier only. Chunks found on disk or in

@@ -82,6 +82,7 @@ Test(config, defaults)
 	cr_expect_str_eq(c.trace, "");
 	cr_expect_eq(c.prefetch_wait_ms, 1000);
 	cr_expect_eq(c.remote_lookup_wait_ms, 5);
+	cr_expect_eq(c.consumer_wait_ms, 3000);
 	for (int i = 0; i < KVRT_CONFIG_NUM_KEYS; i++)
 		cr_expect_eq(c.source[i], KVRT_CONFIG_SRC_DEFAULT);
 	cr_expect(!kvrt_config_disk_enabled(&c));
@@ -175,6 +176,8 @@ Test(config, every_key)
 	cr_expect_eq(c.prefetch_wait_ms, 0);
 	expect_set(&c, "remote_lookup_wait_ms", "50");
 	cr_expect_eq(c.remote_lookup_wait_ms, 50);
+	expect_set(&c, "consumer_wait_ms", "0");
+	cr_expect_eq(c.consumer_wait_ms, 0);
 	for (int i = 0; i < KVRT_CONFIG_NUM_KEYS; i++)
 		cr_expect_eq(c.source[i], KVRT_CONFIG_SRC_SET, "%s", kvrt_config_keys[i].name);
 
@@ -275,6 +278,7 @@ Test(config, integers_strict)
 	expect_refused("pin_timeout_ms", "86400001", "[0, 86400000]");
 	expect_refused("prefetch_wait_ms", "600001", "[0, 600000]");
 	expect_refused("remote_lookup_wait_ms", "0", "[1, 3600000]");
+	expect_refused("consumer_wait_ms", "600001", "[0, 600000]");
 	struct kvrt_config c;
 	fresh(&c);
 	expect_set(&c, "chunk_size", "+16");

@@ -561,6 +561,17 @@ def redis_url():
         p.wait()
 
 
+def save_to_redis(eng, rid, prompt):
+    """Request rid of prompt run to its end, its two full chunks written
+    to Redis (the write-behinds waited for, 10 s at most)."""
+    import time
+    save(eng, rid, prompt)
+    t0 = time.monotonic()
+    while eng.wc.stats()["remote_writes"] < 2 and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert eng.wc.stats()["remote_writes"] >= 2
+
+
 def test_remote_hit_asks_again_instead_of_blocking(model_dir, redis_url, prefix_caching):
     """A second engine with an empty local cache finds a prompt the first
     one wrote to Redis: the first scheduler pass gets None (Redis asked; the
@@ -571,13 +582,7 @@ def test_remote_hit_asks_again_instead_of_blocking(model_dir, redis_url, prefix_
     P = H.prompt(9 + 100 * prefix_caching)  # one Redis for both runs: a new prompt each
     e1 = engine(model_dir, cfg)
     try:
-        e1.add("A", P)
-        e1.run()
-        e1.wc.flush()
-        t0 = time.monotonic()
-        while e1.wc.stats()["remote_writes"] < 2 and time.monotonic() - t0 < 10:
-            time.sleep(0.01)
-        assert e1.wc.stats()["remote_writes"] >= 2  # A's two full chunks
+        save_to_redis(e1, "A", P)
     finally:
         e1.close()
     e2 = engine(model_dir, cfg)
@@ -679,3 +684,35 @@ def test_kv_events_failure_turns_them_off_not_vllm(model_dir, tmp_path, caplog):
         so, sched = eng.step()
         assert sched == {"B": 8}  # still a hit: 32 loaded
         drain(eng)
+
+
+def test_consumer_waits_for_its_producers_writes(model_dir, redis_url, prefix_caching):
+    """P/D: the consumer (kv_consumer) gets the request before its producer
+    (kv_producer) has computed it: vLLM's scheduler is answered "ask again"
+    (never blocked) while Redis lacks the prompt's whole chunks, Redis is
+    asked again, and once the producer's writes land the request is
+    scheduled with a load of them; the consumer saves nothing."""
+    import time
+    cfg = {"remote_url": redis_url}
+    P = H.prompt(11 + 100 * prefix_caching)
+    cons = engine(model_dir, dict(cfg, consumer_wait_ms="20000"), kv_role="kv_consumer")
+    prod = engine(model_dir, cfg, kv_role="kv_producer")
+    try:
+        cons.add("C", P)
+        t0 = time.monotonic()
+        for _ in range(250):  # 0.5 s of passes: nothing scheduled, nothing blocks
+            _, sched = cons.step()
+            assert sched == {}, "scheduled before its producer wrote"
+            time.sleep(0.002)
+        assert time.monotonic() - t0 < 5
+        save_to_redis(prod, "A", P)
+        _, sched = step_until_scheduled(cons, tries=10000, pause=0.001)
+        assert sched == {"C": 8}, "the consumer recomputed what its producer wrote"
+        assert H.verify_loaded(cons, "C", 32)
+        cons.run()
+        cons.assert_empty()
+        assert cons.wc.stats()["save_chunks"] == 0
+        assert pins(cons) == 0
+    finally:
+        cons.close()
+        prod.close()

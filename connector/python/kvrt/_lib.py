@@ -29,6 +29,7 @@ class Options(C.Structure):
 
 OPT_WORKERS_ELSEWHERE = 1  # kvrt.h: KVRT_OPT_WORKERS_ELSEWHERE
 OPT_KV_EVENTS = 2  # kvrt.h: KVRT_OPT_KV_EVENTS
+OPT_CONSUMER = 4  # kvrt.h: KVRT_OPT_CONSUMER
 
 
 class Bytes(C.Structure):

@@ -223,6 +223,9 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         kv_events = _events.enabled(vllm_config)
         if kv_events:
             flags |= _lib.OPT_KV_EVENTS
+        # A P/D consumer waits (consumer_wait_ms) for its producer's writes.
+        if str(getattr(kvt, "kv_role", None) or "") == "kv_consumer":
+            flags |= _lib.OPT_CONSUMER
         opts, self._keep = _lib.options(self._instance, model, dtype, self._block_size, extra,
                                         tp_rank, tp_size, pp_rank, pp_size, flags)
         err = C.create_string_buffer(1024)
