@@ -40,19 +40,32 @@ def completion(base, model, prompt, max_tokens=8):
     return c["text"], list(c["token_ids"])
 
 
+def metrics(base: str) -> dict:
+    """The server's /metrics, vllm:* samples summed over their labels."""
+    out = {}
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:") and " " in line:
+                name, _, val = line.rpartition(" ")
+                name = name.split("{")[0]
+                out[name] = out.get(name, 0.0) + float(val)
+    return out
+
+
 @contextlib.contextmanager
-def serve(model_dir, kvrt=None, args=(), trace=False):
-    """A server with kvrt (kvrt: its extra config, KVRT by default) and
-    VLLM_SERVER_DEV_MODE (/reset_prefix_cache), ready to serve: {"base",
-    "proc", "tmp" (its XDG_RUNTIME_DIR, removed after), "log"}; trace:
-    KVRT_TRACE=tmp/kvrt-%p.json."""
+def serve(model_dir, kvrt=None, args=(), trace=False, kv_role="kv_both", env=None):
+    """A server with kvrt (kvrt: its extra config, KVRT by default; its
+    kv_role) and VLLM_SERVER_DEV_MODE (/reset_prefix_cache), ready to
+    serve: {"base", "proc", "tmp" (its XDG_RUNTIME_DIR, removed after),
+    "log"}; trace: KVRT_TRACE=tmp/kvrt-%p.json; env: more variables."""
     tmp = tempfile.mkdtemp(prefix="kvrt-engine-server-")
     port = free_port()
     cfg = {"kv_connector": "KvrtConnectorV1", "kv_connector_module_path": "kvrt.vllm",
-           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+           "kv_role": kv_role, "kv_load_failure_policy": "recompute",
            "kv_connector_extra_config": KVRT if kvrt is None else kvrt}
     env = engine_env(VLLM_SERVER_DEV_MODE="1", XDG_RUNTIME_DIR=tmp,
-                     **({"KVRT_TRACE": os.path.join(tmp, "kvrt-%p.json")} if trace else {}))
+                     **({"KVRT_TRACE": os.path.join(tmp, "kvrt-%p.json")} if trace else {}),
+                     **(env or {}))
     log = open(os.path.join(tmp, "server.log"), "w")
     p = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                           "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),

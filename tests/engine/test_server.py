@@ -18,23 +18,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 from conftest import DOCS, REPO, chat_prompt_ids, CHAT_TEXT, expected_hit
-from server import completion, post, serve
-
-
-def metrics(base: str) -> dict:
-    out = {}
-    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("vllm:") and " " in line:
-                name, _, val = line.rpartition(" ")
-                name = name.split("{")[0]
-                out[name] = out.get(name, 0.0) + float(val)
-    return out
+from server import completion, metrics, post, serve
 
 
 def chat_stream(base, model, messages):
