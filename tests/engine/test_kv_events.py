@@ -116,7 +116,9 @@ def test_redis_tier_announced_and_found_by_a_fresh_engine(model_dir, baseline, r
     as STORAGE REMOTE; a fresh engine on the same Redis (its own tiers
     empty) announces them when its lookups find them there, then in its
     CPU pool once loaded; tokens identical."""
-    cfg = dict(KVRT, remote_url=redis_server["url"])
+    # Lookups wait for Redis's answer (the default 5 ms gives up under a
+    # loaded machine: the chunk is then recomputed, not loaded)
+    cfg = dict(KVRT, remote_url=redis_server["url"], remote_lookup_wait_ms=2000)
     spec = {"model": model_dir, "kvrt": cfg, "llm": LLM_FP32, "kv_events": True,
             "phases": [{"prompts": DOCS, "max_tokens": 8}]}
     out = run({"runs": [spec, spec]}, timeout=900, **INPROC)
