@@ -31,11 +31,12 @@ def post(url: str, body: dict, timeout=120):
     return urllib.request.urlopen(req, timeout=timeout)
 
 
-def completion(base, model, prompt, max_tokens=8):
-    """(text, generated ids) of a greedy /v1/completions request."""
+def completion(base, model, prompt, max_tokens=8, **extra):
+    """(text, generated ids) of a greedy /v1/completions request (extra:
+    more fields of the body, e.g. cache_salt)."""
     with post(base + "/v1/completions",
               {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-               "ignore_eos": True, "return_token_ids": True}) as r:
+               "ignore_eos": True, "return_token_ids": True, **extra}) as r:
         c = json.load(r)["choices"][0]
     return c["text"], list(c["token_ids"])
 

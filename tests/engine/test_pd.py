@@ -12,9 +12,12 @@ fixture), perf/pd_proxy.py in front.
   (the decode request sent a second before the prefill): it waits
   (consumer_wait_ms), finds the chunks once written, and loads them.
 - Redis restarted empty between prefill and decode: the consumer waits
-  consumer_wait_ms, then recomputes: tokens identical, no hang, no load."""
+  consumer_wait_ms, then recomputes: tokens identical, no hang, no load.
+- The producer killed (SIGKILL) right after its prefill: the consumer
+  loads what landed, recomputes the rest, tokens identical, bounded."""
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -84,5 +87,18 @@ def test_pd_proxy_decode_loads_what_prefill_wrote(model_dir, baseline, redis_ser
             assert took < WAIT_MS / 1000 + 30, f"the consumer took {took:.0f} s"
             m2 = metrics(dec["base"])
             assert m2.get("vllm:kvrt_hit_tokens_total") == hit, "a hit from an empty Redis"
+
+            # The producer killed (SIGKILL) right after its prefill, its
+            # writes perhaps in flight: the consumer loads what landed and
+            # recomputes the rest, tokens identical (the reference: the
+            # producer alone, under another cache_salt so it shares nothing)
+            k = tokens(88, 640)
+            want = completion(pre["base"], model_dir, k, cache_salt="reference")[1]
+            completion(pre["base"], model_dir, k, max_tokens=1)
+            os.killpg(pre["proc"].pid, signal.SIGKILL)
+            pre["proc"].wait()
+            t0 = time.time()
+            assert completion(dec["base"], model_dir, k)[1] == want
+            assert time.time() - t0 < WAIT_MS / 1000 + 30
         finally:
             proxy.stop()
