@@ -63,18 +63,24 @@ def scheduler_of(llm):
     return getattr(core, "scheduler", None)
 
 
+def step_once(llm, SamplingParams, token: int) -> None:
+    """An engine step that stores and hits nothing (a 3-token request, one
+    token out): what a worker did since its last step is reported with it."""
+    sp = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
+    llm.generate([{"prompt_token_ids": [token] * 3}], sp, use_tqdm=False)
+
+
 def settled_pins(llm, SamplingParams) -> float:
     """kvrt's pins once loads still in flight after the last phase ended
     (an aborted request's async load runs on) have finished: the gauge is
     reported with a step, so one-token requests that hit nothing make
     steps, 5 s at most. A pin that outlives them is a leak."""
-    sp = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
     for i in range(50):
         pins = metrics(llm).get("vllm:kvrt_pins", 0)
         if not pins:
             return 0
         time.sleep(0.1)
-        llm.generate([{"prompt_token_ids": [11 + i] * 3}], sp, use_tqdm=False)
+        step_once(llm, SamplingParams, 11 + i)
     return metrics(llm).get("vllm:kvrt_pins", 0)
 
 
@@ -134,7 +140,6 @@ def phase_events(llm, sub, SamplingParams) -> list:
     """The phase's events, with those of saves still finishing: one-token
     requests that store nothing make steps (a worker's events reach the
     publisher with a step) until a second passes with none."""
-    sp = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
     got, quiet = [], 0
     for i in range(40):
         time.sleep(0.25)
@@ -143,7 +148,7 @@ def phase_events(llm, sub, SamplingParams) -> list:
         quiet = 0 if new else quiet + 1
         if quiet >= 4:
             break
-        llm.generate([{"prompt_token_ids": [7 + i % 50] * 3}], sp, use_tqdm=False)
+        step_once(llm, SamplingParams, 7 + i)
     return got
 
 

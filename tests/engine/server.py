@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,12 +16,7 @@ import urllib.request
 import pytest
 
 from conftest import KVRT, engine_env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from redis_ctl import free_port
 
 
 def post(url: str, body: dict, timeout=120):
