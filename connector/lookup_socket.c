@@ -59,13 +59,24 @@ size_t kvrt_lsock_encode_lookup(uint8_t *buf, size_t cap, uint64_t seq, uint64_t
 	return total;
 }
 
-size_t kvrt_lsock_encode_release(uint8_t *buf, size_t cap, uint64_t req_id)
+/* A frame whose payload is one u64 (RELEASE, RESET). */
+static size_t encode_u64(uint8_t *buf, size_t cap, uint16_t type, uint64_t v)
 {
 	if (cap < KVRT_LSOCK_RELEASE_BYTES)
 		return 0;
-	put_hdr(buf, KVRT_LSOCK_RELEASE, 8);
-	kvrt_put_le64(buf + KVRT_LSOCK_HDR, req_id);
+	put_hdr(buf, type, 8);
+	kvrt_put_le64(buf + KVRT_LSOCK_HDR, v);
 	return KVRT_LSOCK_RELEASE_BYTES;
+}
+
+size_t kvrt_lsock_encode_release(uint8_t *buf, size_t cap, uint64_t req_id)
+{
+	return encode_u64(buf, cap, KVRT_LSOCK_RELEASE, req_id);
+}
+
+size_t kvrt_lsock_encode_reset(uint8_t *buf, size_t cap, uint64_t seq)
+{
+	return encode_u64(buf, cap, KVRT_LSOCK_RESET, seq);
 }
 
 size_t kvrt_lsock_encode_answer(uint8_t *buf, size_t cap, uint64_t seq, int32_t status,
@@ -97,6 +108,7 @@ int kvrt_lsock_frame_size(const uint8_t *buf, size_t have, size_t *total)
 			return -EBADMSG;
 		break;
 	case KVRT_LSOCK_RELEASE:
+	case KVRT_LSOCK_RESET:
 		if (len != 8)
 			return -EBADMSG;
 		break;
@@ -132,6 +144,9 @@ int kvrt_lsock_decode(const uint8_t *buf, size_t len, struct kvrt_lsock_frame *f
 		return 0;
 	case KVRT_LSOCK_RELEASE:
 		f->req_id = kvrt_get_le64(p);
+		return 0;
+	case KVRT_LSOCK_RESET:
+		f->seq = kvrt_get_le64(p);
 		return 0;
 	case KVRT_LSOCK_ANSWER:
 		f->seq = kvrt_get_le64(p);
@@ -341,6 +356,22 @@ static void conn_close(struct kvrt_lsock_server *s, struct _conn *c)
 	free(c);
 }
 
+/* Send an ANSWER. false: it could not be sent (close the connection). */
+static bool answer(struct kvrt_lsock_server *s, int fd, uint64_t seq, int rc,
+		   const struct kvrt_lookup_result *res)
+{
+	uint8_t out[KVRT_LSOCK_ANSWER_BYTES];
+	size_t n = kvrt_lsock_encode_answer(out, sizeof out, seq, rc, res);
+	/* An answer is 40 bytes: a socket buffer that cannot take it belongs
+	 * to a client that does not read. Never wait for it. */
+	ssize_t w = send(fd, out, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+	if (w != (ssize_t)n) {
+		_COUNT(s, write_failed);
+		return false;
+	}
+	return true;
+}
+
 /* Handle one whole frame. false: close the connection. */
 static bool serve_frame(struct kvrt_lsock_server *s, const uint8_t *b, size_t len, int fd)
 {
@@ -353,6 +384,16 @@ static bool serve_frame(struct kvrt_lsock_server *s, const uint8_t *b, size_t le
 		kvrt_engine_release(s->e, f.req_id);
 		_COUNT(s, releases);
 		return true;
+	}
+	struct kvrt_lookup_result res = {0};
+	int rc;
+	if (f.type == KVRT_LSOCK_RESET) {
+		uint64_t dropped = 0, kept = 0;
+		rc = kvrt_engine_reset(s->e, &dropped, &kept);
+		res.tokens = dropped > UINT32_MAX ? UINT32_MAX : (uint32_t)dropped;
+		res.chunks = kept > UINT32_MAX ? UINT32_MAX : (uint32_t)kept;
+		_COUNT(s, resets);
+		return answer(s, fd, f.seq, rc, &res);
 	}
 	if (f.num_tokens > s->tok_cap) {
 		size_t c = s->tok_cap ? s->tok_cap : 1024;
@@ -368,19 +409,11 @@ static bool serve_frame(struct kvrt_lsock_server *s, const uint8_t *b, size_t le
 	}
 	if (f.num_tokens)
 		memcpy(s->tok, f.tokens, 4u * (size_t)f.num_tokens);
-	struct kvrt_lookup_result res = {0};
-	int rc = kvrt_engine_lookup(s->e, f.req_id, f.ns_hash, s->tok, f.num_tokens, &res);
+	rc = kvrt_engine_lookup(s->e, f.req_id, f.ns_hash, s->tok, f.num_tokens, &res);
 	if (rc)
 		res = (struct kvrt_lookup_result){0};
-	uint8_t out[KVRT_LSOCK_ANSWER_BYTES];
-	size_t n = kvrt_lsock_encode_answer(out, sizeof out, f.seq, rc, &res);
-	/* An answer is 40 bytes: a socket buffer that cannot take it belongs
-	 * to a client that does not read. Never wait for it. */
-	ssize_t w = send(fd, out, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-	if (w != (ssize_t)n) {
-		_COUNT(s, write_failed);
+	if (!answer(s, fd, f.seq, rc, &res))
 		return false;
-	}
 	_COUNT(s, lookups);
 	return true;
 }
@@ -610,6 +643,7 @@ void kvrt_lsock_server_stats(struct kvrt_lsock_server *s, struct kvrt_lsock_serv
 	out->refused = __atomic_load_n(&s->st.refused, __ATOMIC_RELAXED);
 	out->lookups = __atomic_load_n(&s->st.lookups, __ATOMIC_RELAXED);
 	out->releases = __atomic_load_n(&s->st.releases, __ATOMIC_RELAXED);
+	out->resets = __atomic_load_n(&s->st.resets, __ATOMIC_RELAXED);
 	out->malformed = __atomic_load_n(&s->st.malformed, __ATOMIC_RELAXED);
 	out->write_failed = __atomic_load_n(&s->st.write_failed, __ATOMIC_RELAXED);
 	out->foreign = __atomic_load_n(&s->st.foreign, __ATOMIC_RELAXED);
@@ -757,7 +791,7 @@ static void rank_read(struct kvrt_lsock_client *c, struct _rank *r, uint32_t k)
 			r->pending = false;
 			if (f.status && f.status != -EINPROGRESS) {
 				r->answered = false;
-				rank_down(r, k, "failed a lookup", 0);
+				rank_down(r, k, "failed a call", 0);
 				return;
 			}
 			r->answered = true;
@@ -773,22 +807,10 @@ static void rank_read(struct kvrt_lsock_client *c, struct _rank *r, uint32_t k)
 	}
 }
 
-int kvrt_lsock_client_lookup(struct kvrt_lsock_client *c, uint64_t req_id, uint64_t ns_hash,
-			     const uint32_t *tokens, uint32_t n, struct kvrt_lookup_result *out)
+/* Send c->buf[0..len) to every rank (they work in parallel), then collect
+ * their answers until the deadline. true when every rank answered. */
+static bool ask_all(struct kvrt_lsock_client *c, size_t len, uint64_t start, uint64_t deadline)
 {
-	memset(out, 0, sizeof(*out));
-	if (n > KVRT_LSOCK_MAX_TOKENS)
-		return -EINVAL;
-	uint64_t start = kvrt_now_ns(), deadline = start + c->timeout_ns;
-	size_t need = KVRT_LSOCK_HDR + 28u + 4u * (size_t)n;
-	if (need > c->cap) {
-		uint8_t *b = realloc(c->buf, need);
-		if (!b)
-			return -ENOMEM;
-		c->buf = b;
-		c->cap = need;
-	}
-	size_t len = kvrt_lsock_encode_lookup(c->buf, c->cap, ++c->seq, req_id, ns_hash, tokens, n);
 	bool ok = true;
 	/* Send to every rank first (they work in parallel), then collect. */
 	for (uint32_t k = 0; k < c->n; k++) {
@@ -849,11 +871,31 @@ int kvrt_lsock_client_lookup(struct kvrt_lsock_client *c, uint64_t req_id, uint6
 			if (c->pfd[i].revents)
 				rank_read(c, &c->r[c->who[i]], c->who[i]);
 	}
-	bool later = false;
-	for (uint32_t k = 0; k < c->n && ok; k++) {
+	for (uint32_t k = 0; k < c->n && ok; k++)
 		ok = c->r[k].answered;
-		later |= c->r[k].inprogress;
+	return ok;
+}
+
+int kvrt_lsock_client_lookup(struct kvrt_lsock_client *c, uint64_t req_id, uint64_t ns_hash,
+			     const uint32_t *tokens, uint32_t n, struct kvrt_lookup_result *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (n > KVRT_LSOCK_MAX_TOKENS)
+		return -EINVAL;
+	uint64_t start = kvrt_now_ns(), deadline = start + c->timeout_ns;
+	size_t need = KVRT_LSOCK_HDR + 28u + 4u * (size_t)n;
+	if (need > c->cap) {
+		uint8_t *b = realloc(c->buf, need);
+		if (!b)
+			return -ENOMEM;
+		c->buf = b;
+		c->cap = need;
 	}
+	size_t len = kvrt_lsock_encode_lookup(c->buf, c->cap, ++c->seq, req_id, ns_hash, tokens, n);
+	bool ok = ask_all(c, len, start, deadline);
+	bool later = false;
+	for (uint32_t k = 0; k < c->n && ok; k++)
+		later |= c->r[k].inprogress;
 	if (!ok)
 		return -EHOSTDOWN;
 	if (later)
@@ -881,4 +923,31 @@ void kvrt_lsock_client_release(struct kvrt_lsock_client *c, uint64_t req_id)
 		if (w != (ssize_t)len) /* a partial frame would break the stream */
 			rank_down(r, k, "took no release", 0);
 	}
+}
+
+int kvrt_lsock_client_reset(struct kvrt_lsock_client *c, uint32_t timeout_ms, uint64_t *dropped,
+			    uint64_t *kept)
+{
+	if (dropped)
+		*dropped = 0;
+	if (kept)
+		*kept = 0;
+	if (c->cap < KVRT_LSOCK_RELEASE_BYTES) {
+		uint8_t *b = realloc(c->buf, KVRT_LSOCK_RELEASE_BYTES);
+		if (!b)
+			return -ENOMEM;
+		c->buf = b;
+		c->cap = KVRT_LSOCK_RELEASE_BYTES;
+	}
+	uint64_t start = kvrt_now_ns();
+	size_t len = kvrt_lsock_encode_reset(c->buf, c->cap, ++c->seq);
+	if (!ask_all(c, len, start, start + (uint64_t)(timeout_ms ? timeout_ms : 1) * 1000000ull))
+		return -EHOSTDOWN;
+	for (uint32_t k = 0; k < c->n; k++) {
+		if (dropped)
+			*dropped += c->r[k].res.tokens;
+		if (kept)
+			*kept += c->r[k].res.chunks;
+	}
+	return 0;
 }

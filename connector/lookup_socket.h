@@ -29,6 +29,11 @@
  *   LOOKUP   u64 seq | u64 req_id | u64 ns_hash | u32 n | n x u32 token id
  *            (payload = 28 + 4n, n <= KVRT_LSOCK_MAX_TOKENS)
  *   RELEASE  u64 req_id (payload 8): release the request's lookup pins
+ *   RESET    u64 seq (payload 8): drop the rank's cached chunks that no
+ *            request uses (kvrt_engine_reset: vLLM's reset_prefix_cache
+ *            with reset_external); answered with an ANSWER whose tokens
+ *            field holds the chunks dropped and chunks the chunks kept
+ *            (pinned), each clamped to u32
  *   ANSWER   u64 seq | i32 status | u32 tokens_now | u32 tokens |
  *            u32 chunks_now | u32 chunks (payload 28)
  * A frame with another magic, version or type, or whose length does not
@@ -60,12 +65,13 @@ enum kvrt_lsock_type {
 	KVRT_LSOCK_LOOKUP = 1,
 	KVRT_LSOCK_RELEASE = 2,
 	KVRT_LSOCK_ANSWER = 3,
+	KVRT_LSOCK_RESET = 4,
 };
 
 /* A decoded frame (fields of its type; the rest 0). */
 struct kvrt_lsock_frame {
 	enum kvrt_lsock_type type;
-	uint64_t seq;                   /* LOOKUP, ANSWER: matches an answer to its lookup */
+	uint64_t seq;                   /* LOOKUP, RESET, ANSWER: matches an answer to its call */
 	uint64_t req_id;                /* LOOKUP, RELEASE: the pin owner */
 	uint64_t ns_hash;               /* LOOKUP: the request's key namespace */
 	uint32_t num_tokens;            /* LOOKUP */
@@ -80,6 +86,7 @@ struct kvrt_lsock_frame {
 size_t kvrt_lsock_encode_lookup(uint8_t *buf, size_t cap, uint64_t seq, uint64_t req_id,
 				uint64_t ns_hash, const uint32_t *tokens, uint32_t n);
 size_t kvrt_lsock_encode_release(uint8_t *buf, size_t cap, uint64_t req_id);
+size_t kvrt_lsock_encode_reset(uint8_t *buf, size_t cap, uint64_t seq);
 size_t kvrt_lsock_encode_answer(uint8_t *buf, size_t cap, uint64_t seq, int32_t status,
 				const struct kvrt_lookup_result *res);
 
@@ -107,6 +114,7 @@ struct kvrt_lsock_server_stats {
 	uint64_t refused;     /* connections closed at once: too many open */
 	uint64_t lookups;     /* lookups answered */
 	uint64_t releases;    /* releases done */
+	uint64_t resets;      /* resets done */
 	uint64_t malformed;   /* connections closed for a malformed or truncated frame */
 	uint64_t write_failed; /* connections closed because an answer could not be sent */
 	uint64_t foreign;     /* connections closed at once: a peer of another user */
@@ -148,6 +156,12 @@ int kvrt_lsock_client_lookup(struct kvrt_lsock_client *c, uint64_t req_id, uint6
 /* Tell every connected rank to release req_id's pins; never waits (a rank
  * that cannot take it now keeps them until pin_timeout_ms). */
 void kvrt_lsock_client_release(struct kvrt_lsock_client *c, uint64_t req_id);
+
+/* Reset every rank's cache (RESET frames, answers awaited up to timeout_ms:
+ * a reset may retire many chunks). *dropped / *kept (NULL ok): chunks over
+ * all ranks. 0, or -EHOSTDOWN when a rank did not answer or failed. */
+int kvrt_lsock_client_reset(struct kvrt_lsock_client *c, uint32_t timeout_ms, uint64_t *dropped,
+			    uint64_t *kept);
 
 #define KVRT_LSOCK_BACKOFF_MS 5000u
 

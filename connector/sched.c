@@ -240,19 +240,6 @@ void kvrt_sched_destroy(struct kvrt_sched *s)
 	free(s);
 }
 
-int kvrt_sched_reset_cache(struct kvrt_sched *s)
-{
-	uint64_t dropped = 0, kept = 0;
-	struct kvrt_engine *we = _kvrt_reg_rdlock(s->instance);
-	int rc = we ? kvrt_engine_reset(we, &dropped, &kept) : -ENODEV;
-	_kvrt_reg_unlock();
-	if (rc)
-		return rc;
-	kvrt_info("reset_cache '%s': %llu chunk(s) dropped, %llu kept (pinned or in flight)",
-		  s->instance, (unsigned long long)dropped, (unsigned long long)kept);
-	return kept ? -EBUSY : 0;
-}
-
 uint32_t kvrt_sched_chunk_keys(struct kvrt_sched *s, const struct kvrt_request *r, bool tail,
 			       uint64_t *out, uint32_t cap)
 {
@@ -280,13 +267,13 @@ bool kvrt_sched_sees_worker(struct kvrt_sched *s)
 	return ok;
 }
 
-/* No worker in this process: ask every rank's lookup socket (the minimum;
- * any rank failing is no hit). -ENODEV when sockets are not used. The
- * timeout is lookup_timeout_ms when set, else 250 ms: the scheduler's
- * thread waits (a healthy rank answers in well under a millisecond; its
- * default 3000 would stall every step of vLLM on one sick rank). */
-static int sched_remote_lookup(struct kvrt_sched *s, uint64_t req, uint64_t ns, const uint32_t *tok,
-			       uint32_t n, struct kvrt_lookup_result *res)
+/* No worker in this process: the scheduler's connections to every rank's
+ * lookup socket, made on first use. 0, or -ENODEV when sockets are not
+ * used. The timeout is lookup_timeout_ms when set, else 250 ms: the
+ * scheduler's thread waits (a healthy rank answers in well under a
+ * millisecond; its default 3000 would stall every step of vLLM on one
+ * sick rank). */
+static int sched_lsock(struct kvrt_sched *s)
 {
 	if (!s->lsock) {
 		if (s->lsock_off || !_kvrt_lsock_wanted(&s->o))
@@ -321,7 +308,40 @@ static int sched_remote_lookup(struct kvrt_sched *s, uint64_t req, uint64_t ns, 
 		kvrt_info("scheduler '%s': lookups ask %u rank(s) over their sockets "
 			  "(timeout %u ms)", s->instance, (unsigned)world, ms);
 	}
+	return 0;
+}
+
+/* Ask every rank (the minimum; any rank failing is no hit). */
+static int sched_remote_lookup(struct kvrt_sched *s, uint64_t req, uint64_t ns, const uint32_t *tok,
+			       uint32_t n, struct kvrt_lookup_result *res)
+{
+	int rc = sched_lsock(s);
+	if (rc)
+		return rc;
 	return kvrt_lsock_client_lookup(s->lsock, req, ns, tok, n, res);
+}
+
+/* A reset may retire many chunks on each rank: its answers get longer. */
+#define _RESET_TIMEOUT_MS 10000u
+
+int kvrt_sched_reset_cache(struct kvrt_sched *s)
+{
+	uint64_t dropped = 0, kept = 0;
+	struct kvrt_engine *we = _kvrt_reg_rdlock(s->instance);
+	int rc = we ? kvrt_engine_reset(we, &dropped, &kept) : -ENODEV;
+	_kvrt_reg_unlock();
+	if (rc == -ENODEV) { /* the workers live in other processes */
+		pthread_mutex_lock(&s->mu);
+		rc = sched_lsock(s);
+		if (!rc)
+			rc = kvrt_lsock_client_reset(s->lsock, _RESET_TIMEOUT_MS, &dropped, &kept);
+		pthread_mutex_unlock(&s->mu);
+	}
+	if (rc)
+		return rc;
+	kvrt_info("reset_cache '%s': %llu chunk(s) dropped, %llu kept (pinned or in flight)",
+		  s->instance, (unsigned long long)dropped, (unsigned long long)kept);
+	return kept ? -EBUSY : 0;
 }
 
 int kvrt_sched_lookup(struct kvrt_sched *s, const struct kvrt_request *r, uint32_t num_computed,

@@ -58,6 +58,19 @@ static uint64_t wait_stat(struct kvrt_lsock_server *s, size_t off, uint64_t want
 	return v;
 }
 
+/* A server for g's engine in a fresh directory d (char[64]) and a client
+ * of it (2 s timeout). */
+static void one_rank(struct prig *g, char *d, struct kvrt_lsock_server **srv,
+		     struct kvrt_lsock_client **c)
+{
+	char path[128];
+	tmpdir(d, 64);
+	snprintf(path, sizeof path, "%s/rank0.sock", d);
+	cr_assert_eq(kvrt_lsock_server_start(srv, g->e, path), 0);
+	const char *paths[] = {path};
+	cr_assert_eq(kvrt_lsock_client_create(c, paths, 1, 2000), 0);
+}
+
 static int raw_connect(const char *path)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -293,6 +306,61 @@ Test(lookup_socket, server_answers_a_saved_prompt)
 	rmtree(d);
 }
 
+/* vLLM's /reset_prefix_cache?reset_external=true on a server whose worker
+ * is in another process: the scheduler's reset reaches the rank's cache
+ * over its socket (before, it answered false and reset nothing). */
+Test(lookup_socket, reset_reaches_the_rank)
+{
+	struct prig g;
+	prig_up(&g, &SPEC, cfg16(), 12);
+	struct preq a, b;
+	preq_make(&g, &a, 1, 3 * 16, NULL, 0);
+	preq_make(&g, &b, 2, 2 * 16, NULL, 0);
+	struct preq *r[] = {&a, &b};
+	prig_save(&g, r, 2);
+	uint8_t buf[64];
+	struct kvrt_lsock_frame f;
+	size_t n = kvrt_lsock_encode_reset(buf, sizeof buf, 42);
+	cr_assert_eq(n, KVRT_LSOCK_HDR + 8u);
+	cr_assert_eq(kvrt_lsock_encode_reset(buf, n - 1, 42), 0, "must not overflow");
+	cr_assert_eq(kvrt_lsock_decode(buf, n, &f), 0);
+	cr_assert(f.type == KVRT_LSOCK_RESET && f.seq == 42);
+	cr_assert_eq(kvrt_lsock_decode(buf, n - 1, &f), -EBADMSG);
+
+	char d[64];
+	struct kvrt_lsock_server *srv;
+	struct kvrt_lsock_client *c;
+	one_rank(&g, d, &srv, &c);
+	struct kvrt_lookup_result res;
+	/* b is pinned by a lookup in flight: kept; a is dropped. */
+	cr_assert_eq(kvrt_lsock_client_lookup(c, 200, g.ns, b.tok, b.T, &res), 0);
+	cr_assert_eq(res.tokens, 32u);
+	uint64_t dropped = 99, kept = 99;
+	cr_assert_eq(kvrt_lsock_client_reset(c, 5000, &dropped, &kept), 0);
+	cr_assert_eq(dropped, 3u, "a's three chunks");
+	cr_assert_eq(kept, 2u, "b's two pinned chunks");
+	cr_assert_eq(wait_stat(srv, offsetof(struct kvrt_lsock_server_stats, resets), 1), 1u);
+	cr_assert_eq(kvrt_lsock_client_lookup(c, 201, g.ns, a.tok, a.T, &res), 0);
+	cr_assert_eq(res.tokens, 0u, "a is gone");
+	kvrt_lsock_client_release(c, 201);
+	kvrt_lsock_client_release(c, 200);
+	cr_assert_eq(wait_stat(srv, offsetof(struct kvrt_lsock_server_stats, releases), 2), 2u);
+	cr_assert_eq(kvrt_lsock_client_reset(c, 5000, &dropped, &kept), 0);
+	cr_assert(dropped == 2 && kept == 0, "b dropped once unpinned: %llu %llu",
+		  (unsigned long long)dropped, (unsigned long long)kept);
+	cr_assert_eq(kvrt_lsock_client_lookup(c, 202, g.ns, b.tok, b.T, &res), 0);
+	cr_assert_eq(res.tokens, 0u);
+	kvrt_lsock_client_release(c, 202);
+	/* A rank that is gone: the reset says so. */
+	kvrt_lsock_server_stop(srv);
+	cr_assert_eq(kvrt_lsock_client_reset(c, 500, &dropped, &kept), -EHOSTDOWN);
+	kvrt_lsock_client_destroy(c);
+	preq_fini(&g, &a);
+	preq_fini(&g, &b);
+	prig_down(&g);
+	rmtree(d);
+}
+
 Test(lookup_socket, two_ranks_minimum_dead_and_silent_ranks)
 {
 	struct prig g0, g1;
@@ -386,14 +454,10 @@ Test(lookup_socket, ask_again_is_relayed)
 	prig_up(&g, &SPEC, cfg, 12);
 	struct preq a;
 	preq_make(&g, &a, 1, 40, NULL, 0);
-	char d[64], path[128];
-	tmpdir(d, sizeof d);
-	snprintf(path, sizeof path, "%s/rank0.sock", d);
+	char d[64];
 	struct kvrt_lsock_server *srv;
-	cr_assert_eq(kvrt_lsock_server_start(&srv, g.e, path), 0);
-	const char *paths[] = {path};
 	struct kvrt_lsock_client *c;
-	cr_assert_eq(kvrt_lsock_client_create(&c, paths, 1, 2000), 0);
+	one_rank(&g, d, &srv, &c);
 	struct kvrt_lookup_result res;
 	memset(&res, 0xee, sizeof res);
 	cr_assert_eq(kvrt_lsock_client_lookup(c, 100, g.ns, a.tok, a.T, &res), -EINPROGRESS);

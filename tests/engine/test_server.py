@@ -5,7 +5,8 @@ set: /v1/completions and streaming /v1/chat/completions give the ids the
 offline engine gives without kvrt; the same request again (vLLM's own cache
 reset in between, the dev-mode endpoint) gives the same text and hits kvrt;
 /metrics' vllm:kvrt_* counters agree with vLLM's external prefix-cache
-hits; SIGTERM ends the server within 30 s with kvrt's shutdown run (vLLM's
+hits; /reset_prefix_cache?reset_external=true resets kvrt's cache in the
+worker's process (the next request misses); SIGTERM ends the server within 30 s with kvrt's shutdown run (vLLM's
 --shutdown-timeout 30: with its default 0 vLLM kills its workers at once,
 and what they leave is swept by the next start): nothing left in the
 runtime directory, and a valid trace from the worker (the process with
@@ -75,6 +76,16 @@ def test_openai_server_hits_metrics_sigterm_trace(server, model_dir, baseline):
     assert m2["vllm:kvrt_hit_tokens_total"] == hit + expected_hit(len(chat_ids))
     assert m2["vllm:external_prefix_cache_hits_total"] == m2["vllm:kvrt_hit_tokens_total"]
     assert m2.get("vllm:kvrt_load_errors_total", 0) == 0
+
+    # reset_external: the scheduler resets the worker's cache (in the other
+    # process, over its socket); the prompt then misses kvrt and computes.
+    with post(base + "/reset_prefix_cache?reset_external=true", {}) as r:
+        assert json.load(r)["success"] is True, "kvrt's reset did not reach its worker"
+    text3, ids3 = completion(base, model_dir, DOCS[0])
+    assert (text3, ids3) == (text1, ids1)
+    m3 = metrics(base)
+    assert m3["vllm:kvrt_hit_tokens_total"] == m2["vllm:kvrt_hit_tokens_total"], \
+        "a hit after kvrt's reset"
 
     # SIGTERM: vLLM shuts down its engine and workers, kvrt's shutdown with it.
     p = server["proc"]

@@ -2,7 +2,7 @@
  * itself as a real run makes them: make_seeds DIR writes DIR/<target>/<n>.
  * frame and meta: the step metadata a scheduler built for a worker of this
  * process (a save, then a load with a delayed free and a preemption);
- * lsock: lookup, release and answer frames; chunk: a header and payload as
+ * lsock: lookup, release, answer and reset frames; chunk: a header and payload as
  * the disk tier writes them; config: key=value lines and a YAML file;
  * redis: a URL, a redirect, a CLUSTER SLOTS reply. */
 #include <errno.h>
@@ -114,7 +114,8 @@ int main(int argc, char **argv)
 	size_t l2 = kvrt_lsock_encode_release(buf + l1, sizeof buf - l1, 42);
 	struct kvrt_lookup_result res = {.tokens_now = 16, .tokens = 32, .chunks = 2, .chunks_now = 1};
 	size_t l3 = kvrt_lsock_encode_answer(buf + l1 + l2, sizeof buf - l1 - l2, 7, 0, &res);
-	put("lsock", 0, buf, l1 + l2 + l3);
+	size_t l4 = kvrt_lsock_encode_reset(buf + l1 + l2 + l3, sizeof buf - l1 - l2 - l3, 8);
+	put("lsock", 0, buf, l1 + l2 + l3 + l4);
 	struct kvrt_chunk_header h = {.format_version = KVRT_CHUNK_FORMAT_VERSION,
 				      .header_size = KVRT_CHUNK_HEADER_SIZE, .namespace_hash = 5,
 				      .key = {1, 2}, .shape = {.num_layers = 2, .token_bytes = 8,

@@ -512,9 +512,10 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         """Drop kvrt's cached chunks that no request uses (prefix cache reset).
 
         True: all dropped. False: some were kept (pinned by requests in
-        flight), or the workers live in other processes, where the scheduler
-        cannot reach their caches (logged once; nothing is reset). Redis, when
-        configured, is shared and never cleared. None on the worker side.
+        flight), or a worker in another process could not be reached (the
+        reset travels over the workers' lookup sockets; without them nothing
+        is reset, logged once). Redis, when configured, is shared and never
+        cleared. None on the worker side.
         """
         if self._sched is None:
             return None
@@ -524,8 +525,8 @@ class KvrtConnectorV1(KVConnectorBase_V1):
         if rc == -errno.ENODEV:
             if not getattr(self, "_reset_warned", False):
                 self._reset_warned = True
-                log.warning("kvrt: reset_cache: the kvrt workers run in other processes; "
-                            "their caches are not reset")
+                log.warning("kvrt: reset_cache: the kvrt workers run in other processes "
+                            "and their lookup sockets are off; their caches are not reset")
         elif rc != -errno.EBUSY:
             log.warning("kvrt: reset_cache failed (%d)", rc)
         return False
