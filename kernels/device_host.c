@@ -32,6 +32,7 @@
 #include "kernels/copy.h"
 #include "kernels/device.h"
 #include "kernels/device_impl.h"
+#include "runtime/cpus.h"
 #include "runtime/log.h"
 
 #define _QUEUE_CAP 1024u /* operations a stream holds before producers wait */
@@ -233,6 +234,7 @@ static void *_worker(void *arg)
 	memcpy(name, s->name, sizeof(name) - 1); /* the kernel keeps 15 bytes */
 	name[sizeof(name) - 1] = 0;
 	pthread_setname_np(pthread_self(), name);
+	kvrt_cpus_apply(); /* off the cores vLLM's OpenMP threads are bound to */
 	pthread_mutex_lock(&hs->mu);
 	for (;;) {
 		while (hs->count == 0 && !hs->stop)

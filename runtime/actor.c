@@ -30,6 +30,7 @@
  * message, which halved throughput with two producers.
  */
 #include "runtime/actor.h"
+#include "runtime/cpus.h"
 
 #include <errno.h>
 #include <ev.h>
@@ -198,6 +199,7 @@ static void *actor_main(void *arg)
 	struct kvrt_actor *a = arg;
 	a->self = pthread_self();
 	pthread_setname_np(pthread_self(), a->name);
+	kvrt_cpus_apply(); /* off the cores vLLM's OpenMP threads are bound to */
 	if (KVRT_TRACING())
 		kvrt_trace_thread_name(a->trace_name);
 	int rc = a->ops->start ? a->ops->start(a) : 0;
