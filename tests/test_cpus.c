@@ -19,6 +19,7 @@ static void clear_env(void)
 	unsetenv("GOMP_CPU_AFFINITY");
 	unsetenv("KMP_AFFINITY");
 	unsetenv("KVRT_CPUS");
+	unsetenv("VLLM_CPU_OMP_THREADS_BIND");
 	_kvrt_cpus_reset();
 }
 
@@ -102,6 +103,14 @@ Test(cpus, choice_follows_the_environment, .fini = clear_env)
 	cr_assert_eq(kvrt_cpus_for_threads(&c), 0);
 	cr_assert(!CPU_ISSET(omp, &c), "kvrt's threads avoid OpenMP's CPU");
 	cr_assert_eq(CPU_COUNT(&c), CPU_COUNT(&ok) - 1, "and take every other usable one");
+	/* Cores split by hand (two servers on one host): stay with OpenMP. */
+	setenv("VLLM_CPU_OMP_THREADS_BIND", v + 1, 1);
+	_kvrt_cpus_reset();
+	cr_assert_eq(kvrt_cpus_for_threads(&c), -ENOENT);
+	setenv("VLLM_CPU_OMP_THREADS_BIND", "auto", 1);
+	_kvrt_cpus_reset();
+	cr_assert_eq(kvrt_cpus_for_threads(&c), 0);
+	unsetenv("VLLM_CPU_OMP_THREADS_BIND");
 	setenv("KVRT_CPUS", "inherit", 1);
 	_kvrt_cpus_reset();
 	cr_assert_eq(kvrt_cpus_for_threads(&c), -ENOENT);
